@@ -1,0 +1,96 @@
+# apppot — `make demo` runs the main job on the embedded default image; `make test` runs every test.
+# Both install what they need first (Debian packages as root, a virtualenv in .venv).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+# install: where an admin puts apppot on a node, and the Python that runs it there (stdlib + classad2)
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+PYTHON    ?= /usr/bin/python3
+CONDOR_CONFIG_DIR ?= /etc/condor/config.d
+IMAGE_DIR ?= /var/lib/apppot/images
+# caches that survive `git clean`: built kernel and test images
+APPPOT_CACHE ?= /var/cache/apppot
+export APPPOT_CACHE
+
+APT_PACKAGES := qemu-utils qemu-system-x86 user-mode-linux busybox-static debootstrap e2fsprogs \
+	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config python3-venv shellcheck hyperfine \
+	uml-utilities strace
+KERNEL := $(APPPOT_CACHE)/linux-uml
+
+.PHONY: help deps venv uml-kernel demo test test-unit install uninstall bench clean
+
+help:
+	@echo "make demo    run one AppPot job through the apppot:// plugin on the tiny image"
+	@echo "make test    install everything needed, then run every test (unit, VM boots, HTCondor)"
+	@echo "make install put apppot on an HTCondor execute node (PREFIX=$(PREFIX) DESTDIR=$(DESTDIR))"
+	@echo "make uml-kernel  build apppot's fast UML kernel (~4 min, cached)"
+	@echo "make bench   run the benchmarks in bench/ (results: docs/performance.md)"
+
+# Debian packages: installed only if one is missing (needs root then).
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install $$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to install: $$missing" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.stamp: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.stamp
+
+$(KERNEL): kernel/build-uml-kernel kernel/uml.config $(wildcard kernel/patches/*.patch)
+	bash kernel/build-uml-kernel $@
+
+uml-kernel: $(KERNEL)
+	install -D -m 0755 $(KERNEL) $(DESTDIR)$(PREFIX)/lib/apppot/linux
+
+demo: venv uml-kernel
+	$(PY) -m apppot.demo
+
+test: venv uml-kernel
+	$(PY) -m pytest -m "" tests
+
+test-unit: venv
+	$(PY) -m pytest -m "not vm and not condor and not soak" tests
+
+bench: venv uml-kernel
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# What an admin runs on an execute node. The package goes into PREFIX/lib/apppot (no pip needed on
+# the node); commands are small wrappers run by $(PYTHON).
+install:
+	install -d $(DESTDIR)$(PREFIX)/lib/apppot $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/libexec/apppot \
+		$(DESTDIR)$(CONDOR_CONFIG_DIR) $(DESTDIR)$(IMAGE_DIR)
+	rm -rf $(DESTDIR)$(PREFIX)/lib/apppot/apppot
+	tar -c --exclude=__pycache__ apppot | tar -x -C $(DESTDIR)$(PREFIX)/lib/apppot
+	for cmd in apppot:main apppot-start:start_main; do \
+	  printf '#!%s -I\nimport sys\nsys.path.insert(0, "%s")\nfrom apppot.cli import %s\nsys.exit(%s())\n' \
+	    "$(PYTHON)" "$(PREFIX)/lib/apppot" "$${cmd#*:}" "$${cmd#*:}" > $(DESTDIR)$(PREFIX)/bin/$${cmd%%:*}; \
+	  chmod 0755 $(DESTDIR)$(PREFIX)/bin/$${cmd%%:*}; \
+	done
+	for f in plugins/*; do \
+	  sed '1s|.*|#!$(PYTHON) -I|' $$f > $(DESTDIR)$(PREFIX)/libexec/apppot/$$(basename $$f); \
+	  chmod 0755 $(DESTDIR)$(PREFIX)/libexec/apppot/$$(basename $$f); \
+	done
+	for f in condor_config.d/*.conf; do \
+	  sed -e 's|/usr/local/|$(PREFIX)/|g' -e 's|/var/lib/apppot/images|$(IMAGE_DIR)|g' $$f \
+	    > $(DESTDIR)$(CONDOR_CONFIG_DIR)/$$(basename $$f); \
+	done
+	if [ -x $(KERNEL) ]; then install -m 0755 $(KERNEL) $(DESTDIR)$(PREFIX)/lib/apppot/linux; fi
+
+uninstall:
+	rm -rf $(DESTDIR)$(PREFIX)/lib/apppot $(DESTDIR)$(PREFIX)/libexec/apppot \
+		$(DESTDIR)$(PREFIX)/bin/apppot $(DESTDIR)$(PREFIX)/bin/apppot-start
+	for f in condor_config.d/*.conf; do rm -f $(DESTDIR)$(CONDOR_CONFIG_DIR)/$$(basename $$f); done
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from apppot.cli import main
+
+sys.exit(main())

@@ -1,0 +1,267 @@
+"""The `apppot` command (and `apppot-start`, the original AppPot's launcher name)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from apppot import __version__, image, store
+from apppot.errors import ApppotError
+from apppot.job import BackendKind, Disk, ExitCode, JobSpec
+
+RUN_EPILOG = """\
+What runs in the guest, first match wins:
+  1. CMD ARGS given on the command line (passed exactly: spaces, quotes, newlines, UTF-8);
+  2. an executable `apppot-run` in the job directory;
+  3. /home/user/apppot-autorun in the image;
+  4. an interactive shell when stdin is a terminal; otherwise it is an error.
+The job directory (default: the current one) is /home/user/job in the guest, and nothing else of the
+host is visible. The guest user `user` gets your uid/gid, so files it writes there are yours.
+
+Exit status: the command's own (0-255); 124 walltime exceeded; 125 apppot could not run the job;
+255 the VM ended without the guest reporting a status (details in JOBDIR/.apppot/console.log and
+JOBDIR/.apppot/outcome.json, which also tell these apart from a command that exits 124/125/255).
+
+Disks: IMAGE may be a raw base (a private copy-on-write layer is made and discarded), a UML COW file
+staged by the apppot:// transfer plugin (apppot://NAME?format=uml), or the NAME of an image in the
+node's image directories (APPPOT_IMAGE_PATH). The base is never modified. --apppot COW,BASE keeps
+the COW file, so changes made in an interactive session persist across runs.
+"""
+
+
+def _walltime(text: str) -> float:
+    mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(t)
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"invalid walltime {text!r}: write 3600, 90m or 2h") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the walltime must be positive")
+    return value
+
+
+def _memory_mib(text: str) -> int:
+    try:
+        size = image.parse_size(text if text[-1:].isalpha() else text + "M")
+    except ApppotError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size < 32 << 20:
+        raise argparse.ArgumentTypeError(f"--mem {text} is too small: a guest needs at least 32M")
+    return size >> 20
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    disk = p.add_mutually_exclusive_group()
+    disk.add_argument("--image", metavar="IMG", help="the job's disk: a raw base, a staged COW file, or an image NAME "
+                      "(default: $APPPOT_IMAGE)")  # fmt: skip
+    disk.add_argument("--apppot", metavar="COW,BASE", help="writes go to COW (created if missing, kept), BASE is read-only")
+    p.add_argument("--changes", "--merge", metavar="TARBALL", type=Path,
+                   help="apppot-snap changes tarball merged into the guest before the job runs")  # fmt: skip
+    p.add_argument("--force-changes", action="store_true", help="merge --changes even if made against another base")
+    p.add_argument("--mem", type=_memory_mib, default=os.environ.get("APPPOT_MEM", "256M"), metavar="SIZE",
+                   help="guest memory (default: %(default)s, or $APPPOT_MEM)")  # fmt: skip
+    p.add_argument("--kernel", "--linux", "--uml", type=Path, metavar="PATH",
+                   help="UML kernel (default: $APPPOT_KERNEL, apppot's built kernel, then Debian's packaged one)")
+    p.add_argument("--walltime", type=_walltime, metavar="S", help="stop the job after S seconds (or 90m, 2h): exit 124")
+    p.add_argument("--grace", type=float, default=20.0, metavar="S",
+                   help="after SIGTERM or walltime, give the guest S seconds to stop (default: %(default)s)")
+    p.add_argument("--id", "--umid", dest="vm_id", metavar="NAME", help="VM name (default: apppot.HOST.PID)")
+    p.add_argument("--extra", "-X", action="append", default=[], metavar="KERNEL_ARG",
+                   help="append KERNEL_ARG to the guest kernel command line (repeatable)")
+    p.add_argument("--job-dir", type=Path, metavar="DIR", help="shared as /home/user/job (default: the current dir)")
+    p.add_argument("--backend", choices=[k.value for k in BackendKind], default="uml", help="hypervisor (default: uml)")
+    p.add_argument("--discard-disk", action="store_true",
+                   help="delete the job's writable disk layer afterwards (for HTCondor: keeps it out of the outputs)")
+    p.add_argument("--slirp", help=argparse.SUPPRESS)  # the original's option; UML no longer has slirp
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD ARGS", help="command to run in the guest")
+
+
+def _disk_from_args(args: argparse.Namespace) -> Disk:
+    if args.apppot:
+        sep = "," if "," in args.apppot else ":"
+        if sep not in args.apppot:
+            raise ApppotError(f"--apppot {args.apppot}: expected COW,BASE", hint="e.g. --apppot my.cow,/images/debian.img")
+        cow_s, base_s = args.apppot.split(sep, 1)
+        cow, base = Path(cow_s).absolute(), Path(base_s).absolute()
+        base_img = image.probe_image(base)
+        if cow.exists() and image.read_uml_cow_backing(cow) is None:
+            raise ApppotError(f"{cow} exists and is not a UML COW file", hint="name a new file or an existing COW file")
+        return Disk(base, base_img.format, cow, "uml-cow", args.discard_disk)
+    ref = args.image or os.environ.get("APPPOT_IMAGE")
+    if not ref:
+        raise ApppotError("no disk image given", hint="pass --image IMG (or set APPPOT_IMAGE); `apppot build --tiny IMG` makes one")
+    path = Path(ref)
+    if not path.exists() and "/" not in ref:
+        path = store.resolve(ref)  # the NAME of an image the node holds
+    img = image.probe_image(path.absolute())
+    if img.format == "uml-cow":
+        backing = image.read_uml_cow_backing(img.path)
+        if backing is None:
+            raise ApppotError(f"{img.path} is a UML COW file without a backing file name")
+        return Disk(backing, "raw", img.path, "uml-cow", args.discard_disk)
+    if img.format == "qcow2" and args.backend == "uml":
+        raise ApppotError(
+            f"{img.path} is a qcow2 overlay, which UML cannot boot",
+            hint=f"stage it for UML with apppot://{img.path.name}?format=uml in transfer_input_files, or use --backend qemu",
+        )
+    if img.format not in ("raw", "qcow2"):
+        raise ApppotError(f"{img.path} is a {img.format} image; apppot boots raw images (and qcow2 with qemu)")
+    # A private layer in the run directory (apppot fills in the path), removed afterwards.
+    return Disk(img.path, img.format, None, "uml-cow" if args.backend == "uml" else "qcow2", True)
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    """The one place where command-line input is validated and turned into a JobSpec."""
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    job_dir = (args.job_dir or Path.cwd()).resolve()
+    if not job_dir.is_dir():
+        raise ApppotError(f"job directory {job_dir} does not exist")
+    if args.changes is not None and not args.changes.is_file():
+        raise ApppotError(f"changes tarball {args.changes} not found", hint="make one with `apppot-snap changes` in the guest")
+    return JobSpec(
+        disk=_disk_from_args(args),
+        job_dir=job_dir,
+        command=tuple(command) if command else None,
+        backend=BackendKind(args.backend),
+        memory_mib=args.mem if isinstance(args.mem, int) else _memory_mib(args.mem),
+        walltime_s=args.walltime,
+        grace_s=args.grace,
+        kernel=args.kernel,
+        vm_id=args.vm_id or f"apppot.{socket.gethostname()}.{os.getpid()}",
+        extra_args=tuple(args.extra),
+        changes=args.changes.absolute() if args.changes else None,
+        changes_force=args.force_changes,
+        interactive=not command and sys.stdin.isatty(),
+        uid=os.getuid(),
+        gid=os.getgid(),
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from apppot.backends import get_backend
+    from apppot.run import explain, run_job
+
+    spec = spec_from_args(args)
+    outcome = run_job(spec, get_backend(spec.backend))
+    msg = explain(outcome)
+    if msg:
+        print(f"apppot: {msg}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from apppot import build
+
+    if args.tiny:
+        build.build_tiny(args.output, size_mib=args.size or 32)
+    else:
+        build.build_debian(args.output, suite=args.suite, size_mib=args.size or 1024, mirror=args.mirror)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from apppot.backends import get_backend
+
+    ok = True
+    for kind in BackendKind:
+        try:
+            reason = get_backend(kind).unavailable_reason()
+        except ApppotError as e:
+            reason = str(e)
+        ok &= reason is None
+        print(f"{kind.value:8} {'ok' if reason is None else 'NOT AVAILABLE: ' + reason}")
+    return 0 if ok else 1
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    dirs = store.image_path()
+    if not dirs:
+        raise ApppotError(f"{store.KNOB} is not set", hint="set it in the HTCondor config or the environment")
+    for name in store.list_images(dirs):
+        path = store.resolve(name, dirs)
+        img = image.probe_image(path)
+        digest = image.sha256_of(path, update_cache=args.digest) if args.digest else ""
+        print(f"{name}\t{img.format}\t{img.virtual_size}\t{path}" + (f"\t{digest}" if digest else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="apppot",
+        description="Run Linux software appliances (VM disk images) as batch jobs: under User-Mode Linux "
+        "without root, or under qemu/libvirt, with the job directory shared in and the command's exit "
+        "status coming back.",
+    )
+    p.add_argument("--version", action="version", version=f"apppot {__version__}")
+    p.add_argument("--debug", action="store_true", help="show commands and tracebacks")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    r = sub.add_parser("run", help="run a command in an image", epilog=RUN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_run_options(r)
+    r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("build", help="build an AppPot image (raw ext2/ext4 disk file)")
+    kind = b.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--tiny", action="store_true", help="busybox root with the guest tools: seconds, no network")
+    kind.add_argument("--debian", action="store_true", help="Debian minbase + sudo + guest tools, from the archive")
+    b.add_argument("--suite", default="bookworm", help="Debian suite for --debian (default: %(default)s)")
+    b.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror (default: %(default)s)")
+    b.add_argument("--size", type=int, metavar="MIB", help="file system size (default: 32 tiny, 1024 debian)")
+    b.add_argument("output", type=Path, metavar="OUT.img")
+    b.set_defaults(func=cmd_build)
+
+    c = sub.add_parser("check", help="say which backends can run on this host, and how to fix the others")
+    c.set_defaults(func=cmd_check)
+
+    i = sub.add_parser("images", help="list the node's images (APPPOT_IMAGE_PATH)")
+    i.add_argument("--digest", action="store_true", help="also print sha256 and cache it in IMAGE.sha256 (admin)")
+    i.set_defaults(func=cmd_images)
+    return p
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # every `finally` then cleans up on the same path as Ctrl-C
+
+
+def _dispatch(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
+                        format="apppot: %(message)s")  # fmt: skip
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    try:
+        return func(args)
+    except ApppotError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"apppot: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  ({e.hint})", file=sys.stderr)
+        return ExitCode.APPPOT_FAILED
+    except KeyboardInterrupt:
+        print("apppot: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _dispatch(args.func, args)
+
+
+def start_main(argv: Sequence[str] | None = None) -> int:
+    """`apppot-start`: the original AppPot launcher's interface, i.e. `apppot run` with its options."""
+    p = argparse.ArgumentParser(prog="apppot-start", description="Start an AppPot appliance (same as `apppot run`).",
+                                epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--version", "-V", action="version", version=f"apppot-start {__version__}")
+    p.add_argument("--debug", action="store_true", help="show commands and tracebacks")
+    add_run_options(p)
+    return _dispatch(cmd_run, p.parse_args(argv))

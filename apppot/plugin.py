@@ -1,0 +1,348 @@
+"""HTCondor file-transfer plugin for apppot:// URLs: stage a VM disk in O(1) instead of copying it.
+
+For each URL the plugin writes, at LocalFileName, a small copy-on-write layer over a base image
+that the node already holds: a qcow2 overlay (VM universe, qemu, libvirt) or a UML COW file
+(`format=uml`, for `apppot run` under User-Mode Linux). The base is never written.
+
+Protocol (HTCondor's docs/apis/file-transfer-plugins): `-classad` prints the capabilities;
+`-infile IN -outfile OUT [-upload]` handles every request ad in IN and writes one result ad per
+request to OUT, in order, even after failures; the legacy form `plugin URL DEST` does one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import os
+import re
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from apppot import __version__, image, store
+from apppot.errors import ApppotError, NotFoundError, UnreadableError
+
+SCHEME = "apppot"
+PROTOCOL_VERSION = 4  # HTCondor 23.x and later; v2 input (no non-file ads) is read the same way
+
+URL_HELP = """\
+URL grammar:
+  apppot://NAME[?sha256=HEX][&size=SIZE][&format=qcow2|uml]
+  apppot:///ABS/PATH/IMAGE[?...]        (only inside the node's image directories)
+
+  NAME     an image in the node's image directories (condor knob APPPOT_IMAGE_PATH, colon-separated;
+           the environment variable of the same name when HTCondor's config has none). NAME may
+           omit the suffix: apppot://debian finds debian, debian.img, debian.raw or debian.qcow2.
+  sha256   pin the base: the job fails if the node's image has a different sha256.
+  size     grow the overlay's virtual disk, e.g. size=10G (qcow2 only; never shrinks).
+  format   qcow2 (default): a qcow2 overlay for the VM universe, qemu or libvirt.
+           uml: a User-Mode Linux COW file for `apppot run` (needs a raw base).
+
+HTCondor names the sandbox file after the URL's last path component, without the query:
+apppot://debian?format=uml becomes the file `debian` in the job's scratch directory.
+"""
+
+
+class TransferFailure(ApppotError):
+    """A per-file failure, with the TransferErrorData stanza HTCondor wants for it."""
+
+    def __init__(self, message: str, *, error_type: str, code: int, hint: str | None = None,
+                 **extra: Any) -> None:  # fmt: skip
+        super().__init__(message, hint=hint)
+        self.error_type = error_type
+        self.code = code
+        self.extra = extra
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    url: str
+    local_file: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A parsed apppot:// URL."""
+
+    ref: str
+    sha256: str | None = None
+    size: int | None = None
+    format: str = "qcow2"
+
+
+def capabilities() -> dict[str, Any]:
+    return {
+        "MultipleFileSupport": True,
+        "PluginType": "FileTransfer",
+        "PluginVersion": __version__,
+        "ProtocolVersion": PROTOCOL_VERSION,
+        "SupportedMethods": SCHEME,
+    }
+
+
+def startd_attrs() -> dict[str, Any]:
+    """Slot-ad attributes: which base images this node holds, so jobs can require them."""
+    names = store.list_images()
+    return {"StartdAttrs": "HasAppPot,AppPotImages", "HasAppPot": bool(names), "AppPotImages": ",".join(names)}
+
+
+def parse_url(url: str) -> Target:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != SCHEME:
+        raise TransferFailure(
+            f"URL {url!r} is not an apppot:// URL; this plugin only handles apppot://",
+            error_type="Specification", code=errno.EPROTONOSUPPORT,
+        )  # fmt: skip
+    ref = parts.netloc + parts.path if parts.netloc else parts.path
+    try:
+        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise _bad_spec(url, f"its query {parts.query!r} is malformed") from None
+    unknown = set(query) - {"sha256", "size", "format"}
+    if unknown:
+        raise _bad_spec(url, f"unknown option(s) {', '.join(sorted(unknown))}; known: sha256, size, format")
+    if any(len(v) > 1 for v in query.values()):
+        raise _bad_spec(url, "an option is given twice")
+    opts = {k: v[0] for k, v in query.items()}
+    sha = opts.get("sha256")
+    if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+        raise _bad_spec(url, "sha256 must be 64 hexadecimal digits")
+    fmt = opts.get("format", "qcow2")
+    if fmt not in ("qcow2", "uml"):
+        raise _bad_spec(url, f"format={fmt} is unknown; use format=qcow2 or format=uml")
+    size = None
+    if "size" in opts:
+        if fmt == "uml":
+            raise _bad_spec(url, "size= only applies to qcow2 overlays; a UML COW file has the base's size")
+        try:
+            size = image.parse_size(opts["size"])
+        except ApppotError as e:
+            raise _bad_spec(url, str(e)) from None
+    return Target(ref=urllib.parse.unquote(ref), sha256=sha.lower() if sha else None, size=size, format=fmt)
+
+
+def _bad_spec(url: str, why: str) -> TransferFailure:
+    return TransferFailure(f"bad URL {url!r}: {why}", error_type="Specification", code=errno.EINVAL,
+                           hint=URL_HELP.splitlines()[1].strip())  # fmt: skip
+
+
+def stage(req: Request) -> dict[str, Any]:
+    """Create the copy-on-write layer for one request; the only function here that does I/O."""
+    target = parse_url(req.url)
+    try:
+        base_path = store.resolve(target.ref)
+        base = image.probe_image(base_path)
+    except ApppotError as e:
+        missing, unreadable = isinstance(e, NotFoundError), isinstance(e, UnreadableError)
+        raise TransferFailure(
+            e.message, hint=e.hint,
+            error_type="Resolution" if missing else "Authorization" if unreadable else "Specification",
+            code=errno.ENOENT if missing else errno.EACCES if unreadable else errno.EINVAL,
+            **({"FailedName": target.ref, "FailureType": "Definitive"} if missing else {}),
+            **({"FailureType": "Authorization"} if unreadable else {}),
+        ) from None  # fmt: skip
+    if base.format not in ("raw", "qcow2"):
+        raise TransferFailure(f"base image {base_path} is in {base.format} format, which apppot cannot use",
+                              error_type="Specification", code=errno.EINVAL,
+                              hint="convert it on the node: qemu-img convert -O raw IMAGE IMAGE.raw")  # fmt: skip
+    if target.sha256:
+        actual = image.sha256_of(base_path)
+        if actual != target.sha256:
+            raise TransferFailure(
+                f"base image {base_path} has sha256 {actual}, not the pinned {target.sha256}",
+                error_type="Specification", code=errno.EBADMSG,
+                hint="the node holds a different version of this image: update the pin or require another node",
+            )  # fmt: skip
+    dest = Path(req.local_file)
+    try:
+        if target.format == "uml":
+            nbytes = image.create_uml_cow(dest, base)
+        else:
+            nbytes = image.create_qcow2_overlay(dest, base, size=target.size)
+    except ApppotError as e:
+        raise TransferFailure(e.message, hint=e.hint, error_type="Specification", code=errno.EINVAL) from None
+    except OSError as e:
+        no_space = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise TransferFailure(
+            f"cannot write {dest}: {os.strerror(e.errno or 0)}",
+            error_type="Transfer", code=e.errno or errno.EIO,
+            hint="the execute node's scratch disk is full" if no_space else "check the job's scratch directory",
+            **({"FailureType": "NoSpace"} if no_space else {}),
+        ) from None  # fmt: skip
+    return {"TransferTotalBytes": nbytes, "TransferFileBytes": nbytes,
+            "DeveloperData": {"BaseImage": os.fspath(base_path), "BaseFormat": base.format,
+                              "OverlayFormat": target.format}}  # fmt: skip
+
+
+def transfer(req: Request, *, upload: bool) -> dict[str, Any]:
+    """Handle one request and build its result ad, failures included."""
+    start = time.time()
+    ad: dict[str, Any] = {
+        "TransferUrl": req.url, "TransferFileName": req.local_file, "TransferProtocol": SCHEME,
+        "TransferType": "upload" if upload else "download", "TransferStartTime": int(start),
+    }  # fmt: skip
+    try:
+        if upload:
+            raise TransferFailure(
+                f"cannot upload {req.local_file} to {req.url}: apppot:// URLs are read-only base images",
+                error_type="Parameter", code=errno.EROFS,
+                hint="send outputs elsewhere: remove apppot:// from output_destination / transfer_output_remaps",
+            )  # fmt: skip
+        ad.update(stage(req))
+        ad["TransferSuccess"] = True
+    except TransferFailure as e:
+        ad.update(TransferSuccess=False, TransferTotalBytes=0, TransferError=str(e),
+                  TransferErrorData=[error_data(e)])  # fmt: skip
+    except Exception as e:  # a bug must still yield a result ad, or HTCondor cannot tell which file failed
+        msg = f"internal error in the apppot plugin: {type(e).__name__}: {e}"
+        ad.update(TransferSuccess=False, TransferTotalBytes=0, TransferError=msg,
+                  TransferErrorData=[{"ErrorType": "Parameter", "ErrorCode": errno.EIO, "ErrorString": msg,
+                                      "PluginVersion": __version__, "PluginLaunched": True}])  # fmt: skip
+    ad["TransferEndTime"] = int(time.time())
+    return ad
+
+
+def error_data(e: TransferFailure) -> dict[str, Any]:
+    data: dict[str, Any] = {"ErrorType": e.error_type, "ErrorCode": e.code, "ErrorString": str(e), "Retryable": -1}
+    if e.error_type == "Parameter":
+        data.update(PluginVersion=__version__, PluginLaunched=True)
+    data.update(e.extra)
+    return data
+
+
+# --- ClassAd I/O ------------------------------------------------------------------------------------
+# Reading needs the full ClassAd language (HTCondor's classad2). Writing our own flat values does
+# not, so results are formatted here: a missing or broken binding still yields a readable failure.
+
+
+def _classad2() -> Any:
+    import classad2
+
+    return classad2
+
+
+def classad_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        esc = v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+        return f'"{esc}"'
+    if isinstance(v, dict):
+        return "[ " + "; ".join(f"{k} = {classad_value(x)}" for k, x in v.items()) + " ]"
+    if isinstance(v, (list, tuple)):
+        return "{ " + ", ".join(classad_value(x) for x in v) + " }"
+    raise TypeError(f"no ClassAd form for {type(v).__name__}")
+
+
+def format_old(ad: dict[str, Any]) -> str:
+    """Old-style (line-oriented) ClassAd, as `-classad` must print."""
+    return "".join(f"{k} = {classad_value(v)}\n" for k, v in ad.items())
+
+
+def parse_requests(text: str) -> list[Request]:
+    """The request ads of an infile, in order. v4 non-file ads (no URL/LocalFileName) are skipped."""
+    if not text.strip():
+        raise ApppotError("the plugin's input file is empty")
+    try:
+        classad2 = _classad2()
+    except ImportError:
+        raise ApppotError("HTCondor's Python bindings (classad2) are not importable by the plugin's Python",
+                          hint="install python3-htcondor on the node, or point the plugin's #! at a Python that has it")  # fmt: skip
+    try:
+        ads = list(classad2.parseAds(text))
+    except ValueError as e:
+        raise ApppotError(f"the plugin's input file is not a list of ClassAds ({e})") from None
+    requests = []
+    for ad in ads:
+        keys = {k.lower(): k for k in ad.keys()}
+        if "url" in keys and "localfilename" in keys:
+            url, local = ad[keys["url"]], ad[keys["localfilename"]]
+            if not isinstance(url, str) or not isinstance(local, str):
+                raise ApppotError("a request ad's Url or LocalFileName is not a string")
+            requests.append(Request(url, local))
+    if not ads:
+        raise ApppotError("the plugin's input file holds no ClassAd")
+    return requests
+
+
+def format_results(ads: Iterable[dict[str, Any]]) -> str:
+    return "".join(classad_value(ad) + "\n" for ad in ads)
+
+
+def write_results(path: str, ads: Iterable[dict[str, Any]]) -> None:
+    # No O_TRUNC: HTCondor pre-allocates the file so that a full disk shows up before we run.
+    data = format_results(ads).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.ftruncate(fd, len(data))  # only now drop the pre-allocated tail
+    finally:
+        os.close(fd)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="apppot_plugin",
+        description="HTCondor file-transfer plugin for apppot:// URLs. Instead of copying a VM disk "
+        "image into the job's sandbox, it writes a copy-on-write layer over a base image the node "
+        "already holds. HTCondor runs it; admins enable it with condor_config.d/50-apppot.conf.",
+        epilog=URL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-classad", action="store_true", help="print the plugin's capabilities ClassAd")
+    p.add_argument("-infile", help="request ads (one per URL), written by HTCondor")
+    p.add_argument("-outfile", help="result ads are written here (pre-allocated by HTCondor)")
+    p.add_argument("-upload", action="store_true", help="upload direction (refused: apppot:// is read-only)")
+    p.add_argument("-diagnostic", action="store_true", help="accepted for compatibility; no effect")
+    p.add_argument("legacy", nargs="*", metavar="URL DEST", help="legacy single-file form: URL and destination")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.classad:
+        sys.stdout.write(format_old({**capabilities(), **startd_attrs()}))
+        return 0
+    if args.legacy:
+        if len(args.legacy) != 2 or args.infile or args.outfile:
+            print("apppot_plugin: error: the legacy form takes exactly URL DEST", file=sys.stderr)
+            return 1
+        ad = transfer(Request(args.legacy[0], args.legacy[1]), upload=args.upload)
+        sys.stdout.write(format_old(ad))
+        if not ad["TransferSuccess"]:
+            print(f"apppot_plugin: error: {ad['TransferError']}", file=sys.stderr)
+        return 0 if ad["TransferSuccess"] else 1
+    if not args.infile or not args.outfile:
+        print("apppot_plugin: error: need -infile IN and -outfile OUT (or -classad, or URL DEST); see --help",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        requests = parse_requests(Path(args.infile).read_text())
+    except (ApppotError, OSError, UnicodeDecodeError) as e:
+        msg = f"cannot read the plugin's input file {args.infile}: {e}"
+        print(f"apppot_plugin: error: {msg}", file=sys.stderr)
+        failure = TransferFailure(msg, error_type="Parameter", code=errno.EINVAL)
+        ad = {"TransferSuccess": False, "TransferUrl": "", "TransferFileName": "", "TransferError": msg,
+              "TransferErrorData": [error_data(failure)]}  # fmt: skip
+        try:
+            write_results(args.outfile, [ad])
+        except OSError:
+            pass
+        return 1
+    ads = [transfer(r, upload=args.upload) for r in requests]
+    try:
+        write_results(args.outfile, ads)
+    except OSError as e:
+        print(f"apppot_plugin: error: cannot write results to {args.outfile}: {e}", file=sys.stderr)
+        return 1
+    for ad in ads:
+        if not ad["TransferSuccess"]:
+            print(f"apppot_plugin: error: {ad['TransferError']}", file=sys.stderr)
+    return 0 if all(ad["TransferSuccess"] for ad in ads) else 1

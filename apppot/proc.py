@@ -1,0 +1,129 @@
+"""The only module that starts processes: spawn() for short commands, supervise() for VMs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from apppot.errors import ApppotError
+
+log = logging.getLogger("apppot")
+
+
+def _describe_failure(argv: Sequence[str], returncode: int, output: str) -> ApppotError:
+    how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
+    tail = "\n".join(output.strip().splitlines()[-15:])
+    return ApppotError(f"{shlex.join(argv)} failed ({how})" + (f":\n{tail}" if tail else ""))
+
+
+def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    """Run a short command; raise ApppotError with its output if it fails."""
+    capture(argv, env=env, cwd=cwd)
+
+
+def capture(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    """Run a short command and return its stdout; raise ApppotError with its output if it fails."""
+    log.debug("+ %s", shlex.join(argv))
+    try:
+        res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, cwd=cwd)
+    except FileNotFoundError:
+        raise ApppotError(f"command not found: {argv[0]}", hint="run `apppot check` to see what is missing") from None
+    if res.returncode != 0:
+        raise _describe_failure(argv, res.returncode, res.stdout + res.stderr)
+    return res.stdout
+
+
+def group_members(pgid: int) -> list[int]:
+    """PIDs whose process group is `pgid` (UML forks many host processes; they all stay in it)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(entry.path, "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+def kill_group(pgid: int, *, deadline_s: float = 5.0) -> None:
+    """SIGKILL every process of the group until none is left; raise if one survives the deadline."""
+    end = time.monotonic() + deadline_s
+    while True:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        left = group_members(pgid)
+        if not left:
+            return
+        if time.monotonic() > end:
+            raise ApppotError(f"processes {left} of the VM survived SIGKILL", hint="report this as a bug")
+        time.sleep(0.01)
+
+
+def supervise(
+    argv: Sequence[str],
+    *,
+    log_path: Path,
+    walltime_s: float | None,
+    polite_stop: Callable[[int], None],
+    grace_s: float = 30.0,
+    env: dict[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
+    stdin: int | None = subprocess.DEVNULL,
+    stdout: int | None = None,
+    on_tick: Callable[[], None] | None = None,
+) -> tuple[int, bool, bool]:
+    """Run a VM to completion; return (returncode, timed_out, interrupted).
+
+    The VM gets its own process group. Walltime or an interruption (SIGINT, or SIGTERM turned into
+    KeyboardInterrupt by the CLI) asks the guest to stop politely, waits `grace_s`, then kills the
+    whole group. Whatever happens, no process of the group is left when this returns.
+    """
+    log.debug("+ %s", shlex.join(argv))
+    with open(log_path, "ab") as out:
+        try:
+            vm = subprocess.Popen(argv, stdin=stdin, stdout=stdout if stdout is not None else out,
+                                  stderr=out, env=env, pass_fds=pass_fds, start_new_session=True)  # fmt: skip
+        except OSError as e:
+            raise ApppotError(f"cannot start {argv[0]}: {e.strerror}") from None
+    deadline = None if walltime_s is None else time.monotonic() + walltime_s
+    timed_out = interrupted = False
+    try:
+        try:
+            while vm.poll() is None:
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = True
+                    break
+                if on_tick:
+                    on_tick()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    vm.wait(timeout=0.05)
+        except KeyboardInterrupt:
+            interrupted = True
+        if vm.poll() is None:
+            _stop(vm, polite_stop, grace_s)
+    except KeyboardInterrupt:  # a second signal during the polite stop: no more grace
+        interrupted = True
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(vm.pid, signal.SIGKILL) if vm.poll() is None else None
+        vm.wait()
+        kill_group(vm.pid)  # UML's helper processes outlive the main one if it was killed
+    return vm.returncode, timed_out, interrupted
+
+
+def _stop(vm: subprocess.Popen[bytes], polite_stop: Callable[[int], None], grace_s: float) -> None:
+    try:
+        polite_stop(vm.pid)
+    except Exception as e:  # a failed polite stop only means we go straight to the kill
+        log.debug("polite stop failed: %s", e)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        vm.wait(timeout=grace_s)
