@@ -1,0 +1,246 @@
+"""Fixtures for tests that run jobs in the personal HTCondor pool (``scripts/personal-pool``).
+
+The session-scoped ``pool`` fixture runs ``scripts/personal-pool up`` (which also installs
+this checkout into the pool) and ``down`` at the end of the session, but only if the pool was
+not already up when the session started.  Host-side access goes through the PyPI ``htcondor``
+wheel, ``htcondor2``/``classad2`` API only (works with the 23.10 and 25.x wheels).
+
+Paths: jobs are resolved by the schedd/shadow *inside* the pool, so a non-spooled job's
+``initialdir`` must be visible there: use ``pool.job_dir()`` (under the shared dir, which has
+the same path on the host and in the pool).  Spooled jobs (``spool=True``) may use any host
+directory: input is sent to the schedd and output retrieved back into it.
+
+Needs root (the pool is a chroot); deselect with ``-m "not condor"``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pathlib
+import shlex
+import subprocess
+import time
+from typing import Any, Mapping, Union
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "personal-pool"
+HERE = pathlib.Path(__file__).resolve().parent
+
+UP_TIMEOUT = 600  # a fresh root (debootstrap + apt) takes ~1.5 min; leave room for slow mirrors
+
+# JobStatus values
+IDLE, RUNNING, REMOVED, COMPLETED, HELD, TRANSFERRING_OUTPUT, SUSPENDED = 1, 2, 3, 4, 5, 6, 7
+HOLD_SPOOLING_INPUT = 16  # HoldReasonCode while a spooled job waits for its input
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "condor: runs jobs in a personal HTCondor pool (scripts/personal-pool)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselection sees the items
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HERE in pathlib.Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.condor)
+
+
+def _script(*args: str, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+    """Run scripts/personal-pool; on failure, fail the test with its output."""
+    try:
+        proc = subprocess.run(
+            [str(SCRIPT), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"personal-pool {' '.join(args)} timed out after {timeout}s:\n{e.output or ''}")
+    if check and proc.returncode != 0:
+        pytest.fail(f"personal-pool {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}")
+    return proc
+
+
+def _parse_env(text: str) -> dict[str, str]:
+    """Parse the `export K=V ...` / `unset K` lines printed by `personal-pool env`."""
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        words = shlex.split(line)
+        if not words:
+            continue
+        if words[0] == "unset":
+            env.update({k: "" for k in words[1:]})
+        elif words[0] == "export":
+            for w in words[1:]:
+                k, _, v = w.partition("=")
+                env[k] = v
+    return env
+
+
+class Pool:
+    """Handle on the running personal pool."""
+
+    def __init__(self, env: Mapping[str, str]):
+        import classad2
+        import htcondor2
+
+        self.htcondor = htcondor2
+        self.classad = classad2
+        self.env = dict(env)
+        self.mode = env.get("APPPOT_POOL_MODE", "chroot")
+        self.root = pathlib.Path(env.get("CONDOR_ROOT") or "/")
+        self.shared_dir = pathlib.Path(env["SHARED_DIR"])
+        self.client_dir = pathlib.Path(env["CLIENT_DIR"])
+        self.test_user = env.get("TEST_USER", "tester")
+        self.test_uid = int(env.get("TEST_UID", "2000"))
+        self.log_dir = self.root / "var/log/condor"
+        self.image_dir = self.root / "var/lib/apppot/images"
+        self.schedd = htcondor2.Schedd()
+        self.collector = htcondor2.Collector()
+        self._seq = itertools.count()
+
+    # -- helpers -----------------------------------------------------------------------
+    def in_pool(self, *cmd: str, check: bool = True, timeout: float = 120,
+                cwd: Union[str, os.PathLike, None] = None, input: str | None = None,
+                ) -> subprocess.CompletedProcess:
+        """Run CMD inside the pool as the test user (cwd kept if the pool sees it)."""
+        try:
+            proc = subprocess.run(
+                [str(SCRIPT), "in-pool", *map(str, cmd)], cwd=cwd, input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"in-pool {cmd!r} timed out after {timeout}s")
+        if check and proc.returncode != 0:
+            pytest.fail(f"in-pool {cmd!r} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        return proc
+
+    def job_dir(self, name: str = "job") -> pathlib.Path:
+        """A fresh directory under the shared dir, owned by the test user (jobs' initialdir)."""
+        d = self.shared_dir / f"{name}.{os.getpid()}.{int(time.time())}.{next(self._seq)}"
+        d.mkdir(parents=True)
+        if os.geteuid() == 0:
+            os.chown(d, self.test_uid, self.test_uid)
+        return d
+
+    def startd_ads(self, projection=()) -> list:
+        """The startd's slot ads (MyType "Machine"), as the collector has them."""
+        return self.collector.query(self.htcondor.AdType.Startd, projection=list(projection))
+
+    def logs_hint(self) -> str:
+        return (f"see {self.log_dir}/{{SchedLog,ShadowLog,StartLog,StarterLog.slot1_*,VMGahpLog}}"
+                if self.mode == "chroot" else "see the HTCondor log directory (condor_config_val LOG)")
+
+    # -- submit ------------------------------------------------------------------------
+    def submit(self, submit: Union[str, Mapping[str, Any], Any], *, spool: bool = False):
+        """Submit one cluster; returns the SubmitResult.  A dict/text without `initialdir`
+        gets a fresh job_dir() when not spooled."""
+        htcondor = self.htcondor
+        if isinstance(submit, Mapping):
+            desc = {k: str(v) for k, v in submit.items()}
+            if not spool and not any(k.lower() in ("initialdir", "initial_dir", "iwd") for k in desc):
+                desc["initialdir"] = str(self.job_dir())
+            if spool:
+                # keep the completed job in the queue until its output was retrieved
+                desc.setdefault("leave_in_queue",
+                                "JobStatus == 4 && (StageOutFinish =?= undefined || StageOutFinish == 0)")
+            sub = htcondor.Submit(desc)
+        elif isinstance(submit, str):
+            sub = htcondor.Submit(submit)
+        else:
+            sub = submit
+        result = self.schedd.submit(sub, spool=spool)
+        if spool:
+            self.schedd.spool(result)
+        return result
+
+    def wait(self, cluster: int, *, timeout: float, spool: bool = False, hold_ok: bool = False):
+        """Wait until every job of CLUSTER is done; return the (last) final job ad.
+
+        Fails at once if a job is held (with its HoldReason) unless hold_ok, or removed, and
+        after `timeout` seconds (the job is removed then)."""
+        htcondor = self.htcondor
+        constraint = f"ClusterId == {cluster}"
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            ads = self.schedd.query(constraint=constraint)
+            if ads:
+                last = ads[-1]
+                statuses = {ad.get("JobStatus") for ad in ads}
+                for ad in ads:
+                    st = ad.get("JobStatus")
+                    if st == HELD and not (spool and ad.get("HoldReasonCode") == HOLD_SPOOLING_INPUT):
+                        if hold_ok:
+                            return ad
+                        self._remove(constraint, "held job (test failed)")
+                        pytest.fail(f"job {cluster}.{ad.get('ProcId')} held: {ad.get('HoldReason')} "
+                                    f"(HoldReasonCode={ad.get('HoldReasonCode')}, "
+                                    f"HoldReasonSubCode={ad.get('HoldReasonSubCode')}); {self.logs_hint()}")
+                    if st == REMOVED:
+                        pytest.fail(f"job {cluster}.{ad.get('ProcId')} was removed: {ad.get('RemoveReason')}")
+                if statuses == {COMPLETED}:
+                    if spool:
+                        self.schedd.retrieve(constraint)
+                        self._remove(constraint, "output retrieved")
+                    return last
+            else:
+                hist = list(self.schedd.history(constraint, [], 1))
+                if hist:
+                    ad = hist[0]
+                    if ad.get("JobStatus") == REMOVED:
+                        pytest.fail(f"job {cluster} was removed: {ad.get('RemoveReason')}")
+                    return ad
+                if time.monotonic() > deadline:
+                    pytest.fail(f"job {cluster} is neither in the queue nor in the history")
+            if time.monotonic() > deadline:
+                self._remove(constraint, "timeout (test failed)")
+                desc = "no ad" if last is None else (
+                    f"JobStatus={last.get('JobStatus')} HoldReason={last.get('HoldReason')} "
+                    f"LastRejMatchReason={last.get('LastRejMatchReason')}")
+                pytest.fail(f"job {cluster} not done after {timeout}s ({desc}); {self.logs_hint()}")
+            time.sleep(0.25)
+
+    def submit_and_wait(self, submit, *, timeout: float, spool: bool = False, hold_ok: bool = False):
+        """Submit, wait (see wait()), and return the final job ad (a classad2.ClassAd).
+        The job's directory is ad["Iwd"]; with spool=True the output was retrieved into it."""
+        result = self.submit(submit, spool=spool)
+        return self.wait(result.cluster(), timeout=timeout, spool=spool, hold_ok=hold_ok)
+
+    def _remove(self, constraint: str, reason: str) -> None:
+        try:
+            self.schedd.act(self.htcondor.JobAction.Remove, constraint, reason)
+        except Exception:  # already gone
+            pass
+
+
+@pytest.fixture(scope="session")
+def pool():
+    if os.geteuid() != 0:
+        pytest.fail("scripts/personal-pool needs root (or deselect these tests: -m 'not condor')")
+    was_up = _script("status", timeout=60, check=False).returncode == 0
+    _script("up", timeout=UP_TIMEOUT)
+    env = _parse_env(_script("env", timeout=30).stdout)
+
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        if v:
+            os.environ[k] = v
+        else:
+            os.environ.pop(k, None)
+    import htcondor2
+
+    htcondor2.reload_config()  # the bindings read CONDOR_CONFIG at import time
+    try:
+        yield Pool(env)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        # NB: no htcondor2.reload_config() here: without a CONDOR_CONFIG the condor library
+        # exit()s the whole pytest process (silently losing its buffered report).
+        if not was_up:
+            _script("down", timeout=180)
