@@ -16,7 +16,7 @@ IMAGE_DIR ?= /var/lib/apppot/images
 APPPOT_CACHE ?= /var/cache/apppot
 export APPPOT_CACHE
 
-APT_PACKAGES := qemu-utils qemu-system-x86 user-mode-linux busybox-static debootstrap e2fsprogs \
+APT_PACKAGES := python3-dev python3-venv qemu-utils qemu-system-x86 user-mode-linux busybox-static debootstrap e2fsprogs \
 	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config python3-venv shellcheck hyperfine \
 	uml-utilities strace
 KERNEL := $(APPPOT_CACHE)/linux-uml
@@ -40,7 +40,7 @@ deps:
 	fi
 
 $(VENV)/.stamp: setup.cfg pyproject.toml
-	python3 -m venv $(VENV)
+	/usr/bin/python3 -m venv $(VENV)  # the system Python: unprivileged test users can run it (pyenv lives under /root)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
