@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import shlex
 import signal
 import subprocess
@@ -68,6 +69,11 @@ def kill_group(pgid: int, *, deadline_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def _no_core_dumps() -> None:
+    # A guest kernel panic makes UML abort; its core file (~130 MB) must not land in a job sandbox.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def supervise(
     argv: Sequence[str],
     *,
@@ -79,6 +85,7 @@ def supervise(
     pass_fds: Sequence[int] = (),
     stdin: int | None = subprocess.DEVNULL,
     stdout: int | None = None,
+    cwd: Path | None = None,
     on_tick: Callable[[], None] | None = None,
 ) -> tuple[int, bool, bool]:
     """Run a VM to completion; return (returncode, timed_out, interrupted).
@@ -91,7 +98,8 @@ def supervise(
     with open(log_path, "ab") as out:
         try:
             vm = subprocess.Popen(argv, stdin=stdin, stdout=stdout if stdout is not None else out,
-                                  stderr=out, env=env, pass_fds=pass_fds, start_new_session=True)  # fmt: skip
+                                  stderr=out, env=env, pass_fds=pass_fds, cwd=cwd, start_new_session=True,
+                                  preexec_fn=_no_core_dumps)  # fmt: skip
         except OSError as e:
             raise ApppotError(f"cannot start {argv[0]}: {e.strerror}") from None
     deadline = None if walltime_s is None else time.monotonic() + walltime_s

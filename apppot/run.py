@@ -123,6 +123,7 @@ def run_job(spec: JobSpec, backend: Backend) -> VmOutcome:
             env={**os.environ, **plan.env},
             stdin=None if spec.interactive else subprocess.DEVNULL,
             stdout=sys.stdout.fileno() if spec.interactive else None,
+            cwd=rundir,
             on_tick=pump,
         )
         pump()
