@@ -132,7 +132,7 @@ def test_digest_cache_is_used_only_while_the_stat_matches(images, monkeypatch):
     assert image.digest_sidecar(base).exists()
     calls = []
     real = hashlib.sha256
-    monkeypatch.setattr(image.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
     assert image.sha256_of(base) == digest and calls == []  # served from the sidecar
     with open(base, "r+b") as f:  # the base changes: the sidecar no longer vouches for it
         f.write(b"changed!")
