@@ -13,9 +13,7 @@ import classad2
 import pytest
 
 from apppot import plugin
-
-sys.path.insert(0, os.fspath(Path(__file__).resolve().parents[1]))
-from conftest import PLUGIN  # noqa: E402
+from tests.conftest import PLUGIN
 
 PREALLOCATED = 19264  # what HTCondor pre-allocates: (16*1204)/64 * 64 bytes of spaces
 OTHER_UID = 4242  # owns files that the plugin, run without privileges, must not be able to use
@@ -216,10 +214,9 @@ def test_disk_full(plugin_env, images, tmp_path):
         (sb / ".apppot_plugin.out").write_bytes(b" " * PREALLOCATED)
         (sb / ".apppot_plugin.in").write_text(f'[ Url = "apppot://base"; LocalFileName = "{sb}/disk" ]')
         filler = sb / "filler"
-        with open(filler, "wb", buffering=0) as f:
-            with pytest.raises(OSError):
-                while True:
-                    f.write(b"\0" * 4096)
+        with open(filler, "wb", buffering=0) as f, pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 4096)
         rc, ads, _ = run_plugin(plugin_env, sb, [("apppot://base", "disk")])
         assert rc == 1
         assert ads[0]["TransferErrorData"][0]["FailureType"] == "NoSpace"

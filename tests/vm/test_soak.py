@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import vm_processes
-
 from apppot import job, kernel, run
 from apppot.backends.uml import UmlBackend
+from tests.vm.conftest import vm_processes
 
 BOOTS = int(os.environ.get("APPPOT_SOAK_BOOTS", "300"))
 DEADLINE_S = 10.0  # a healthy boot+job+poweroff takes ~0.2-0.5 s; a livelocked one never ends
