@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import resource
@@ -10,8 +11,9 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from apppot.errors import ApppotError
 
@@ -69,9 +71,15 @@ def kill_group(pgid: int, *, deadline_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def _no_core_dumps() -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def _vm_child_setup() -> None:
     # A guest kernel panic makes UML abort; its core file (~130 MB) must not land in a job sandbox.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # If apppot itself is SIGKILLed (the batch system's last resort), the VM must die with it: it runs
+    # in its own session, so nothing else would reach it.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def supervise(
@@ -99,7 +107,7 @@ def supervise(
         try:
             vm = subprocess.Popen(argv, stdin=stdin, stdout=stdout if stdout is not None else out,
                                   stderr=out, env=env, pass_fds=pass_fds, cwd=cwd, start_new_session=True,
-                                  preexec_fn=_no_core_dumps)  # fmt: skip
+                                  preexec_fn=_vm_child_setup)  # fmt: skip
         except OSError as e:
             raise ApppotError(f"cannot start {argv[0]}: {e.strerror}") from None
     deadline = None if walltime_s is None else time.monotonic() + walltime_s

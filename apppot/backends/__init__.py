@@ -29,10 +29,16 @@ class Backend(Protocol):
     def polite_stop(self, spec: JobSpec, rundir: Path) -> Callable[[int], None]: ...
 
 
-def get_backend(kind: BackendKind | str) -> Backend:
+def get_backend(kind: BackendKind | str, *, initrd: Path | None = None) -> Backend:
+    from apppot.backends.libvirt import LibvirtBackend
+    from apppot.backends.qemu import QemuBackend
     from apppot.backends.uml import UmlBackend
 
-    backends: dict[BackendKind, Callable[[], Backend]] = {BackendKind.UML: UmlBackend}
+    backends: dict[BackendKind, Callable[[], Backend]] = {
+        BackendKind.UML: UmlBackend,
+        BackendKind.QEMU: lambda: QemuBackend(initrd=initrd),
+        BackendKind.LIBVIRT: lambda: LibvirtBackend(initrd=initrd),
+    }
     try:
         kind = BackendKind(kind)
         return backends[kind]()

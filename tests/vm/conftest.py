@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -20,6 +22,10 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("APPPOT_CACHE", "/var/cache/apppot")) / "test-images"
 TEST_UID = 2345  # an unprivileged submitter
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "backends(*names): run this VM test only on these backends")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -63,16 +69,24 @@ def tiny_image() -> Path:
 @pytest.fixture(autouse=True)
 def base_is_never_modified(request: pytest.FixtureRequest) -> Iterator[None]:
     """After every VM test, each base image it used still has the same bytes."""
-    images = [request.getfixturevalue(n) for n in ("tiny_image",) if n in request.fixturenames]
+    images = [request.getfixturevalue(n) for n in ("tiny_image", "debian_image") if n in request.fixturenames]
     before = {img: sha256(img) for img in images}
     yield
     for img, digest in before.items():
         assert sha256(img) == digest, f"the base image {img} was modified"
 
 
-@pytest.fixture(params=["uml"])
+@pytest.fixture(params=["uml", "qemu", "libvirt"])
 def backend(request: pytest.FixtureRequest) -> str:
-    """Each test runs on every backend; a missing component is a failure, not a skip."""
+    """Each test runs on every backend; a missing component is a failure, not a skip.
+    `@pytest.mark.backends("uml")` limits a test to the backends it is about."""
+    marker = request.node.get_closest_marker("backends")
+    if marker is not None and request.param not in marker.args:
+        pytest.skip(f"only for {', '.join(marker.args)}")
+    if request.param in ("qemu", "libvirt"):
+        request.getfixturevalue("vm_boot_kit")  # a kernel for images without one (the tiny image)
+    if request.param == "libvirt":
+        request.getfixturevalue("libvirtd")
     reason = get_backend(request.param).unavailable_reason()
     assert reason is None, f"backend {request.param} cannot run here: {reason} (make test installs it)"
     return str(request.param)
@@ -108,7 +122,8 @@ def vm_processes(vm_id: str) -> list[str]:
                 stat = Path(entry.path, "stat").read_text()
             except OSError:
                 continue
-            if f"umid={vm_id}" in cmd and stat[stat.rindex(")") + 2] != "Z":
+            named = f"umid={vm_id}" in cmd or re.search(rf"\bguest={re.escape(vm_id)}(,| |$)", cmd)  # UML | qemu
+            if named and stat[stat.rindex(")") + 2] != "Z":
                 found.append(f"{entry.name}: {cmd[:120]}")
     return found
 
@@ -116,3 +131,72 @@ def vm_processes(vm_id: str) -> list[str]:
 @pytest.fixture(scope="session")
 def uml_kernel() -> Path:
     return kernel.find_uml_kernel(notice=False)
+
+
+@pytest.fixture(scope="session")
+def debian_image() -> Path:
+    """`apppot build --debian`, rebuilt only when the builders or the guest scripts change (~100 s)."""
+    from apppot import debian
+
+    key = _content_key(REPO / "apppot" / "debian.py", REPO / "apppot" / "build.py", REPO / "apppot" / "guest")
+    img = CACHE / f"debian-bookworm-{key}.img"
+    if not img.exists():
+        debian.build_debian(img, suite="bookworm", size_mib=1024, mirror="http://deb.debian.org/debian")
+    img.chmod(0o444)
+    return img
+
+
+@pytest.fixture(scope="session")
+def vm_boot_kit(debian_image: Path) -> Iterator[tuple[Path, Path]]:
+    """The Debian image's kernel + initramfs (taken out with debugfs, cached by image digest) as the
+    default for images that carry none: one kernel boots the tiny and the Debian image alike."""
+    from apppot.backends import qemu
+    from apppot.job import Disk
+
+    with tempfile.TemporaryDirectory() as scratch:  # used only if no cache directory is writable
+        boot = qemu.find_boot_files(Disk(debian_image, "raw", None, "qcow2", True), kernel=None, initrd=None,
+                                    rundir=Path(scratch))  # fmt: skip
+    assert boot.initrd is not None
+    saved = {k: os.environ.get(k) for k in ("APPPOT_VM_KERNEL", "APPPOT_VM_INITRD")}
+    os.environ.update(APPPOT_VM_KERNEL=os.fspath(boot.kernel), APPPOT_VM_INITRD=os.fspath(boot.initrd))
+    yield boot.kernel, boot.initrd
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _libvirt_reachable(uri: str = "qemu:///system") -> bool:
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    try:
+        libvirt.open(uri).close()
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[None]:
+    """libvirtd (and virtlogd) for the libvirt backend: started here if none answers (no systemd in
+    the test machine), stopped at the end of the session only if this fixture started them."""
+    if _libvirt_reachable():
+        yield
+        return
+    started = []
+    for daemon in ("virtlogd", "libvirtd"):
+        with open(CACHE.parent / f"{daemon}.test.log", "ab") as log:
+            started.append(subprocess.Popen([f"/usr/sbin/{daemon}"], stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=log, start_new_session=True))  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not _libvirt_reachable():
+        assert time.monotonic() < deadline, "libvirtd did not answer within 30 s"
+        assert all(p.poll() is None for p in started), "libvirtd or virtlogd exited at start"
+        time.sleep(0.1)
+    yield
+    for p in reversed(started):
+        p.terminate()
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
