@@ -17,9 +17,9 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 from apppot import proc
 from apppot.errors import ApppotError
@@ -85,7 +85,7 @@ def make_ext_image(tree: Path, out: Path, *, size_mib: int, fstype: str, label: 
         tmp.chmod(0o644)
 
 
-def ownership_fixups(tree: Path, owner_of: "dict[str, tuple[int, int]]") -> list[str]:
+def ownership_fixups(tree: Path, owner_of: dict[str, tuple[int, int]]) -> list[str]:
     """debugfs commands that make every file root's except the paths in owner_of (and below)."""
     cmds = []
     for dirpath, dirnames, filenames in os.walk(tree):
@@ -127,12 +127,37 @@ def build_tiny(out: Path, *, size_mib: int = 32) -> Path:
         (root / "etc/hostname").write_text("apppot\n")
         (root / "etc/shells").write_text("/bin/sh\n")
         install_guest_tools(root)
+        # a file to show in /usr/share, then the apppot-snap base, recorded last
+        (root / "usr/share/apppot").mkdir(parents=True, exist_ok=True)
+        (root / "usr/share/apppot/README").write_text(TINY_README)
+        record_base(root, label="apppot-tiny", owners={"/": (0, 0), "/home/user": (USER_UID, USER_UID)})
         progress(f"busybox {busybox} with {len(applets)} applets; making a {size_mib} MiB ext2 file system")
         fixups = ownership_fixups(root, {"/home/user": (USER_UID, USER_UID)})
         fixups += device_fixups()
         make_ext_image(root, out, size_mib=size_mib, fstype="ext2", label="apppot-tiny", fixups=fixups)
     progress(f"wrote {out} in {time.monotonic() - start:.1f} s")
     return out
+
+
+TINY_README = """AppPot tiny image: busybox, apppot-init (/sbin) and apppot-snap (/usr/bin).
+`apppot-snap changes` ships what you changed since this image was built; see apppot's README.
+"""
+
+
+def record_base(tree: Path, *, label: str = "", owners: dict[str, tuple[int, int]] | None = None) -> None:
+    """Record `tree` as the image's apppot-snap base (in tree/var/lib/apppot/): the LAST build step
+    before the tree becomes a file system, after install_guest_tools(tree).
+
+    The tree is copied into an image afterwards (mke2fs -d), so inode numbers and change times
+    are not recorded (`changes` checks contents by digest instead). `owners` maps image paths to
+    the (uid, gid) they will have in the image when that differs from the tree (longest prefix
+    wins; "/" for everything), e.g. when debugfs fixes owners after mke2fs.
+    """
+    argv = ["sh", os.fspath(tree / GUEST_TOOLS["apppot-snap"]), "base", "--root", os.fspath(tree),
+            "--build-tree", "--label", label]  # fmt: skip
+    for path, (uid, gid) in (owners or {}).items():
+        argv += ["--owner", f"{path}={uid}:{gid}"]
+    proc.spawn(argv)
 
 
 def is_executable(p: Path) -> bool:
