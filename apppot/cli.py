@@ -8,8 +8,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from apppot import __version__, image, store
 from apppot.errors import ApppotError
@@ -68,7 +69,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem", type=_memory_mib, default=os.environ.get("APPPOT_MEM", "256M"), metavar="SIZE",
                    help="guest memory (default: %(default)s, or $APPPOT_MEM)")  # fmt: skip
     p.add_argument("--kernel", "--linux", "--uml", type=Path, metavar="PATH",
-                   help="UML kernel (default: $APPPOT_KERNEL, apppot's built kernel, then Debian's packaged one)")
+                   help="UML kernel (default: $APPPOT_KERNEL, apppot's built kernel, then Debian's packaged one); "
+                   "for qemu/libvirt the guest kernel (default: the image's /boot/apppot, then $APPPOT_VM_KERNEL)")
+    p.add_argument("--initrd", type=Path, metavar="PATH", help="qemu/libvirt: the initramfs for --kernel "
+                   "(default: the image's /boot/apppot/initrd.img, then $APPPOT_VM_INITRD)")  # fmt: skip
     p.add_argument("--walltime", type=_walltime, metavar="S", help="stop the job after S seconds (or 90m, 2h): exit 124")
     p.add_argument("--grace", type=float, default=20.0, metavar="S",
                    help="after SIGTERM or walltime, give the guest S seconds to stop (default: %(default)s)")
@@ -91,9 +95,10 @@ def _disk_from_args(args: argparse.Namespace) -> Disk:
         cow_s, base_s = args.apppot.split(sep, 1)
         cow, base = Path(cow_s).absolute(), Path(base_s).absolute()
         base_img = image.probe_image(base)
-        if cow.exists() and image.read_uml_cow_backing(cow) is None:
-            raise ApppotError(f"{cow} exists and is not a UML COW file", hint="name a new file or an existing COW file")
-        return Disk(base, base_img.format, cow, "uml-cow", args.discard_disk)
+        layer_format = "uml-cow" if args.backend == "uml" else "qcow2"  # qemu/libvirt keep a qcow2 overlay
+        if cow.exists() and image.probe_image(cow).format != layer_format:
+            raise ApppotError(f"{cow} exists and is not a {layer_format} layer", hint="name a new file or an existing one")
+        return Disk(base, base_img.format, cow, layer_format, args.discard_disk)
     ref = args.image or os.environ.get("APPPOT_IMAGE")
     if not ref:
         raise ApppotError("no disk image given", hint="pass --image IMG (or set APPPOT_IMAGE); `apppot build --tiny IMG` makes one")
@@ -151,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from apppot.run import explain, run_job
 
     spec = spec_from_args(args)
-    outcome = run_job(spec, get_backend(spec.backend))
+    outcome = run_job(spec, get_backend(spec.backend, initrd=args.initrd.absolute() if args.initrd else None))
     msg = explain(outcome)
     if msg:
         print(f"apppot: {msg}", file=sys.stderr)
@@ -159,12 +164,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from apppot import build
+    from apppot import build, debian
 
     if args.tiny:
         build.build_tiny(args.output, size_mib=args.size or 32)
     else:
-        build.build_debian(args.output, suite=args.suite, size_mib=args.size or 1024, mirror=args.mirror)
+        debian.build_debian(args.output, suite=args.suite, size_mib=args.size or 1024, mirror=args.mirror)
     return 0
 
 
@@ -226,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("images", help="list the node's images (APPPOT_IMAGE_PATH)")
     i.add_argument("--digest", action="store_true", help="also print sha256 and cache it in IMAGE.sha256 (admin)")
     i.set_defaults(func=cmd_images)
+
+    from apppot import snap
+
+    snap.add_parser(sub)
+
+    from apppot import submit
+
+    submit.add_parser(sub)
     return p
 
 

@@ -1,62 +1,81 @@
-"""`make demo`: the main job on the embedded default image, staged exactly as condor_starter would.
+"""`make demo`: the main job — an AppPot job submitted to a real HTCondor pool with `apppot submit`.
 
-1. build (or reuse) the tiny image in the node's image directory;
-2. run the apppot:// plugin the way HTCondor's starter does: -infile with request ads, a
-   pre-allocated -outfile, in the job's sandbox; show the result ads and `qemu-img info`;
-3. `apppot run` a command in the staged UML disk and print its output and exit status.
+1. bring up the personal pool (scripts/personal-pool: a Debian trixie chroot running HTCondor, into
+   which this checkout is installed the way an admin would: `make install`, the tiny image in
+   /var/lib/apppot/images) unless it is already up;
+2. `apppot submit --image tiny --wait -- ...` from the host through the htcondor2 bindings: the
+   starter runs the apppot:// plugin (a UML COW layer over the node's tiny image), then
+   `apppot run` boots it under User-Mode Linux as the job's user;
+3. print what came back: the command's output, the file it wrote, its exit status (42).
+The pool is stopped again if the demo started it (APPPOT_DEMO_KEEP_POOL=1 keeps it).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
-from apppot import build
-
 REPO = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("APPPOT_CACHE", "/var/cache/apppot"))
+POOL = REPO / "scripts" / "personal-pool"
+SCRIPT = 'echo "hello from $(uname -sr) as $(id -un)"; tr " " "\\n" < input.txt | sort -n > sorted.txt; exit 42'
+COMMAND = ["sh", "-c", SCRIPT]
 
 
 def say(msg: str) -> None:
     print(f"\n=== {msg}", flush=True)
 
 
+def pool_env() -> dict[str, str]:
+    out = subprocess.run([os.fspath(POOL), "env"], capture_output=True, text=True, check=True).stdout
+    env = dict(os.environ)
+    for line in out.splitlines():
+        words = shlex.split(line)
+        if words[:1] == ["export"]:
+            env.update(w.split("=", 1) for w in words[1:] if "=" in w)  # type: ignore[misc]
+        elif words[:1] == ["unset"]:
+            for w in words[1:]:
+                env.pop(w, None)
+    return env
+
+
 def main() -> int:
-    images = CACHE / "images"
-    tiny = images / "tiny.img"
-    if not tiny.exists():
-        say(f"building the tiny image {tiny}")
-        build.build_tiny(tiny)
-    # The plugin's `#!/usr/bin/env python3` must find a Python with HTCondor's bindings: ours.
-    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-    env = {**os.environ, "APPPOT_IMAGE_PATH": os.fspath(images), "PYTHONPATH": os.fspath(REPO), "PATH": path}
-    with tempfile.TemporaryDirectory(prefix="apppot-demo-sandbox-") as sandbox:
-        sb = Path(sandbox)
-        urls = ["apppot://tiny", "apppot://tiny.img?format=uml"]
-        infile, outfile = sb / ".apppot_plugin.in", sb / ".apppot_plugin.out"
-        infile.write_text("".join(f'[ Url = "{u}"; LocalFileName = "{sb / u[9:].split("?")[0]}" ]' for u in urls))
-        outfile.write_bytes(b" " * 19264)  # HTCondor pre-allocates the outfile so a full disk shows early
-        say("staging through the plugin, as condor_starter does: apppot_plugin -infile IN -outfile OUT")
-        rc = subprocess.call([os.fspath(REPO / "plugins/apppot_plugin"), "-infile", os.fspath(infile),
-                              "-outfile", os.fspath(outfile)], env=env, cwd=sb)  # fmt: skip
-        print(outfile.read_text())
-        print(f"plugin exit status: {rc}")
-        if rc != 0:
-            return rc
-        say("qemu-img info of the qcow2 overlay (VM universe / qemu / libvirt)")
-        subprocess.call(["qemu-img", "info", os.fspath(sb / "tiny")])
-        say(f"sandbox: {', '.join(f'{p.name} ({p.stat().st_blocks * 512} bytes on disk)' for p in sorted(sb.iterdir()))}")
-        say("apppot run --image tiny.img -- sh -c '...'   (UML, on the staged COW file)")
-        (sb / "input.txt").write_text("3 1 2\n")
-        cmd = [sys.executable, "-m", "apppot", "run", "--image", "tiny.img", "--discard-disk", "--",
-               "sh", "-c", 'echo "hello from $(uname -sr) as $(id -un)"; tr " " "\\n" < input.txt | sort -n > sorted.txt; exit 42']  # fmt: skip
-        status = subprocess.call(cmd, env=env, cwd=sb)
+    if os.geteuid() != 0:
+        print("apppot demo: the personal HTCondor pool is a chroot: run `make demo` as root", file=sys.stderr)
+        return 1
+    was_up = subprocess.run([os.fspath(POOL), "status"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, check=False).returncode == 0  # fmt: skip
+    say("personal HTCondor pool: " + ("up; installing this checkout" if was_up else "starting it (first time ~2 min)"))
+    subprocess.run([os.fspath(POOL), "up"], check=True)
+    try:
+        env = pool_env()
+        job_dir = Path(env["SHARED_DIR"]) / f"demo.{os.getpid()}.{int(time.time())}"
+        job_dir.mkdir(parents=True)
+        (job_dir / "input.txt").write_text("3 1 2\n")
+        uid = int(env.get("TEST_UID", "2000"))
+        for p in (job_dir, job_dir / "input.txt"):
+            os.chown(p, uid, uid)  # jobs run as the pool's test user
+
+        argv = [sys.executable, "-m", "apppot", "submit", "--image", "tiny", "--input", "input.txt",
+                "--job-dir", os.fspath(job_dir), "--wait", "--timeout", "300", "--", *COMMAND]  # fmt: skip
+        say("apppot submit --image tiny --input input.txt --wait -- " + shlex.join(COMMAND))
+        t0 = time.monotonic()
+        status = subprocess.call(argv, env=env)
+        wall = time.monotonic() - t0
+        say(f"what came back to {job_dir} ({wall:.1f} s from submit to done)")
+        for out in sorted(job_dir.glob("apppot.*.out")):
+            print(f"{out.name}: {out.read_text()}", end="")
+        sorted_txt = job_dir / "sorted.txt"
+        print(f"sorted.txt written by the job: {sorted_txt.read_text().split() if sorted_txt.exists() else 'MISSING'}")
         print(f"exit status of the job: {status}")
-        print(f"sorted.txt written by the job: {(sb / 'sorted.txt').read_text().split()}")
-        return 0 if status == 42 else 1
+        return 0 if status == 42 and sorted_txt.exists() else 1
+    finally:
+        if not was_up and os.environ.get("APPPOT_DEMO_KEEP_POOL") != "1":
+            say("stopping the pool the demo started (APPPOT_DEMO_KEEP_POOL=1 keeps it)")
+            subprocess.run([os.fspath(POOL), "down"], check=False)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import pathlib
 import shlex
 import subprocess
 import time
-from typing import Any, Mapping, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 import pytest
 
@@ -160,7 +161,6 @@ class Pool:
 
         Fails at once if a job is held (with its HoldReason) unless hold_ok, or removed, and
         after `timeout` seconds (the job is removed then)."""
-        htcondor = self.htcondor
         constraint = f"ClusterId == {cluster}"
         deadline = time.monotonic() + timeout
         last = None

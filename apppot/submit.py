@@ -1,0 +1,259 @@
+"""`apppot submit`: an AppPot job to HTCondor (htcondor2 bindings), optionally waiting for its result.
+
+The job is the one submit_templates/apppot-vanilla.sub and apppot-vm.sub describe, built from
+options: the image travels as an apppot:// URL (the execute point stages a copy-on-write layer
+over its own base), the job directory's files as ordinary inputs. Vanilla (default): `apppot run`
+boots the image under User-Mode Linux and the job's ExitCode is the command's exit status. VM
+universe: qemu/libvirt through condor_vm-gahp; the guest's status comes back as the job attribute
+AppPotExitCode and the file apppot.status (the VM universe's own ExitCode is always 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from apppot.errors import ApppotError
+
+LAUNCHER = "/usr/local/bin/apppot"  # 50-apppot.conf: APPPOT_LAUNCHER; `make install` puts it there
+VM_POST = "/usr/local/libexec/apppot/apppot_vm_post"
+UML_OVERHEAD_MIB = 64  # the UML kernel process itself, on top of the guest RAM file in /dev/shm
+
+# JobStatus values
+IDLE, RUNNING, REMOVED, COMPLETED, HELD, TRANSFERRING_OUTPUT, SUSPENDED = 1, 2, 3, 4, 5, 6, 7
+HOLD_SPOOLING_INPUT = 16
+
+
+def _bindings() -> tuple[Any, Any]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import classad2
+            import htcondor2
+    except ImportError:
+        raise ApppotError(
+            "HTCondor's Python bindings (htcondor2) are not installed",
+            hint="pip install htcondor, or apt-get install python3-htcondor",
+        ) from None
+    return htcondor2, classad2
+
+
+def condor_arguments(argv: Sequence[str]) -> str:
+    """argv -> HTCondor's new-style `arguments` value: "..." with 'single quotes' around words that
+    need them, ' doubled inside them and " doubled everywhere."""
+    out = []
+    for a in argv:
+        if a == "" or any(c in a for c in " \t'\"\n"):
+            a = "'" + a.replace("'", "''") + "'"
+        out.append(a.replace('"', '""'))
+    return '"' + " ".join(out) + '"'
+
+
+def build_submit(*, image: str, command: Sequence[str], universe: str, memory_mib: int,
+                 inputs: Sequence[str], changes: str | None, job_dir: Path, launcher: str = LAUNCHER,
+                 walltime_s: float | None = None) -> dict[str, str]:  # fmt: skip
+    """The submit description (what the templates say, for these options)."""
+    _, classad2 = _bindings()
+    if "/" in image or "?" in image or not image:
+        raise ApppotError(f"--image {image!r}: give the NAME of an image the execute points hold",
+                          hint="condor_status -af AppPotImages lists them")  # fmt: skip
+    files = [*inputs, *([changes] if changes else [])]
+    for f in files:
+        if "://" not in f and not (job_dir / f).exists():
+            raise ApppotError(f"input file {f} not found in the job directory {job_dir}")
+    desc: dict[str, str] = {
+        "initialdir": os.fspath(job_dir),
+        "request_disk": "1GB",
+    }
+    if universe == "vanilla":
+        args = ["run", "--image", image, "--discard-disk", "--mem", f"{memory_mib}M"]
+        if changes:
+            args += ["--changes", changes]
+        if walltime_s:
+            args += ["--walltime", f"{walltime_s:g}"]
+        desc.update({
+            "universe": "vanilla",
+            "should_transfer_files": "YES",  # (the VM universe always transfers)
+            "when_to_transfer_output": "ON_EXIT",
+            "executable": launcher,
+            "transfer_executable": "false",
+            "arguments": condor_arguments([*args, "--", *command]),
+            "transfer_input_files": ", ".join([f"apppot://{image}?format=uml", *files]),
+            "request_memory": str(memory_mib + UML_OVERHEAD_MIB),
+            "requirements": f'HasAppPot =?= True && stringListMember("{image}", AppPotImages)',
+            "job_max_vacate_time": "25",
+            "output": "apppot.$(Cluster).$(Process).out",
+            "error": "apppot.$(Cluster).$(Process).err",
+            "log": "apppot.$(Cluster).log",
+        })  # fmt: skip
+    elif universe == "vm":
+        desc.update({
+            "universe": "vm",
+            "executable": f"apppot-vm-{image}",
+            "vm_type": "kvm",
+            "vm_memory": str(memory_mib),
+            "request_memory": str(memory_mib),
+            "vm_disk": f"{image}:vda:w:qcow2",
+            "vm_networking": "false",
+            "vm_no_output_vm": "false",
+            "transfer_input_files": ", ".join([f"apppot://{image}", *files]),
+            "+AppPotCommand": classad2.quote(shlex.join(command)) if command else '""',
+            "+AppPotChanges": classad2.quote(changes or ""),
+            "+WantIOProxy": "true",
+            "+PostCmd": classad2.quote(VM_POST),
+            "requirements": f'HasAppPot =?= True && HasAppPotVM =?= True && stringListMember("{image}", AppPotImages)',
+            "job_max_vacate_time": "20",
+            "log": "apppot-vm.$(Cluster).log",
+        })
+        if walltime_s:
+            desc["periodic_remove"] = f"JobStatus == 2 && time() - EnteredCurrentStatus > {walltime_s:g}"
+    else:
+        raise ApppotError(f"unknown universe {universe!r}: vanilla or vm")
+    return desc
+
+
+class JobResult:
+    def __init__(self, cluster: int, ad: Any, universe: str, job_dir: Path) -> None:
+        self.cluster, self.ad, self.universe, self.job_dir = cluster, ad, universe, job_dir
+
+    @property
+    def status(self) -> int:
+        return int(self.ad.get("JobStatus", 0))
+
+    @property
+    def exit_code(self) -> int | None:
+        """The guest command's exit status: ExitCode (vanilla) or AppPotExitCode (VM universe)."""
+        if self.status != COMPLETED:
+            return None
+        key = "AppPotExitCode" if self.universe == "vm" else "ExitCode"
+        value = self.ad.get(key)
+        return int(value) if isinstance(value, int) else None
+
+    def describe(self) -> str:
+        name = {COMPLETED: "completed", HELD: "held", REMOVED: "removed"}.get(self.status, f"status {self.status}")
+        text = f"job {self.cluster}.0 {name}"
+        if self.status == COMPLETED:
+            code = self.exit_code
+            text += f": exit code {code if code is not None else 'unknown'}"
+            if self.universe == "vm":
+                text += " (AppPotExitCode; the VM universe's own ExitCode is always 0)"
+        elif self.status == HELD:
+            text += f": {self.ad.get('HoldReason')}"
+        elif self.status == REMOVED:
+            text += f": {self.ad.get('RemoveReason')}"
+        return text
+
+
+def wait_for(schedd: Any, htcondor2: Any, cluster: int, *, universe: str, job_dir: Path, timeout_s: float,
+             spool: bool, progress: bool = True) -> JobResult:  # fmt: skip
+    constraint = f"ClusterId == {cluster}"
+    deadline = time.monotonic() + timeout_s
+    last_status = None
+    while True:
+        ads = schedd.query(constraint=constraint)
+        if ads:
+            ad = ads[0]
+            st = ad.get("JobStatus")
+            if st != last_status and progress:
+                names = {IDLE: "idle", RUNNING: "running", TRANSFERRING_OUTPUT: "transferring output"}
+                if st in names:
+                    print(f"apppot submit: job {cluster}.0 {names[st]}", file=sys.stderr, flush=True)
+                last_status = st
+            if st == HELD and not (spool and ad.get("HoldReasonCode") == HOLD_SPOOLING_INPUT):
+                return JobResult(cluster, ad, universe, job_dir)
+            if st == COMPLETED and spool:
+                schedd.retrieve(constraint)
+                schedd.act(htcondor2.JobAction.Remove, constraint, "apppot submit: output retrieved")
+                return JobResult(cluster, ad, universe, job_dir)
+        else:
+            hist = list(schedd.history(constraint, [], 1))
+            if hist:
+                return JobResult(cluster, hist[0], universe, job_dir)
+        if time.monotonic() > deadline:
+            raise ApppotError(f"job {cluster}.0 did not finish within {timeout_s:g} s (still in the queue)",
+                              hint=f"condor_q {cluster}; condor_rm {cluster} to give up")  # fmt: skip
+        time.sleep(0.25)
+
+
+def submit_job(desc: dict[str, str], *, spool: bool = False) -> tuple[Any, Any, int]:
+    htcondor2, _ = _bindings()
+    if spool:
+        desc = {**desc, "leave_in_queue": "JobStatus == 4 && (StageOutFinish =?= undefined || StageOutFinish == 0)"}
+    schedd = htcondor2.Schedd()
+    result = schedd.submit(htcondor2.Submit(desc), spool=spool)
+    if spool:
+        schedd.spool(result)
+    return htcondor2, schedd, result.cluster()
+
+
+def add_parser(sub: Any) -> None:
+    from apppot.cli import _memory_mib, _walltime
+
+    p = sub.add_parser(
+        "submit", help="submit an AppPot job to HTCondor (vanilla: UML; vm: the VM universe)",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit status with --wait: the job command's own; 125 if the job was held, removed, or could "
+        "not be submitted. Without --wait: 0 once submitted (the cluster id is printed).",
+    )  # fmt: skip
+    p.add_argument("--image", required=True, metavar="NAME", help="an image the execute points hold (AppPotImages)")
+    p.add_argument("--universe", choices=("vanilla", "vm"), default="vanilla", help="default: %(default)s")
+    p.add_argument("--mem", type=_memory_mib, default="256M", metavar="SIZE", help="guest memory (default: 256M)")
+    p.add_argument("--input", "-i", dest="inputs", action="append", default=[], metavar="FILE",
+                   help="a file (or URL) for the job directory, relative to --job-dir (repeatable)")  # fmt: skip
+    p.add_argument("--changes", metavar="TARBALL", help="apppot-snap changes tarball in --job-dir, merged before the command")
+    p.add_argument("--job-dir", type=Path, default=Path("."), metavar="DIR",
+                   help="where inputs are and outputs land (default: the current directory)")  # fmt: skip
+    p.add_argument("--walltime", type=_walltime, metavar="S", help="stop the job after S seconds (or 90m, 2h)")
+    p.add_argument("--launcher", default=LAUNCHER, help="`apppot` on the execute points (default: %(default)s)")
+    p.add_argument("--spool", action="store_true",
+                   help="send inputs to the schedd and fetch outputs back (the schedd cannot see --job-dir)")
+    p.add_argument("--wait", action="store_true", help="wait for the job and report its result")
+    p.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="with --wait (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print the submit description and exit")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD ARGS", help="command to run in the guest")
+    p.set_defaults(func=cmd_submit)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    job_dir = args.job_dir.resolve()
+    if not job_dir.is_dir():
+        raise ApppotError(f"job directory {job_dir} does not exist")
+    desc = build_submit(image=args.image, command=command, universe=args.universe, memory_mib=args.mem,
+                        inputs=args.inputs, changes=args.changes, job_dir=job_dir, launcher=args.launcher,
+                        walltime_s=args.walltime)  # fmt: skip
+    if args.dry_run:
+        for k, v in desc.items():
+            print(f"{k} = {v}")
+        print("queue")
+        return 0
+    try:
+        htcondor2, schedd, cluster = submit_job(desc, spool=args.spool)
+    except ApppotError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- HTCondorException & co: the schedd refused or could not be reached
+        raise ApppotError(f"submitting to HTCondor failed: {e}",
+                          hint="is CONDOR_CONFIG set for your pool? (condor_q must work)") from None  # fmt: skip
+    print(f"apppot submit: submitted cluster {cluster} ({args.universe} universe, image {args.image})", flush=True)
+    if not args.wait:
+        return 0
+    res = wait_for(schedd, htcondor2, cluster, universe=args.universe, job_dir=job_dir, timeout_s=args.timeout,
+                   spool=args.spool)  # fmt: skip
+    print(f"apppot submit: {res.describe()}")
+    if res.status == HELD:
+        schedd.act(htcondor2.JobAction.Remove, f"ClusterId == {cluster}", "apppot submit: job was held")
+    if res.status == COMPLETED:
+        outs = (["apppot.out", "apppot.err", "apppot.status"] if args.universe == "vm"
+                else [f"apppot.{cluster}.0.out", f"apppot.{cluster}.0.err"])  # fmt: skip
+        print(f"apppot submit: outputs in {job_dir} ({', '.join(outs)}, and the files the command wrote)")
+    code = res.exit_code
+    return code if code is not None else 125
