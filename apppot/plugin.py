@@ -19,8 +19,9 @@ import re
 import sys
 import time
 import urllib.parse
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from apppot import __version__, image, store
 from apppot.errors import ApppotError, NotFoundError, UnreadableError

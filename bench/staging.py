@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(REPO))
 
-from apppot import plugin  # noqa: E402
+from apppot import plugin
 
 CACHE = Path(os.environ.get("APPPOT_CACHE", "/var/cache/apppot")) / "bench"
 
