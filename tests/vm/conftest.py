@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +52,13 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _prune(images: Iterable[Path], keep: Path) -> None:
+    """Drop test images of older builder versions (a Debian one holds ~180 MB)."""
+    for old in images:
+        if old != keep:
+            old.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_image() -> Path:
     """The tiny image, rebuilt only when the builder or the guest scripts change. World-readable,
@@ -60,6 +67,7 @@ def tiny_image() -> Path:
     img = CACHE / f"tiny-{key}.img"
     if not img.exists():
         build.build_tiny(img)
+        _prune(CACHE.glob("tiny-*.img"), keep=img)
     img.chmod(0o444)
     for d in (CACHE, CACHE.parent):
         d.chmod(0o755)
@@ -149,6 +157,7 @@ def debian_image() -> Path:
     img = CACHE / f"debian-bookworm-{key}.img"
     if not img.exists():
         debian.build_debian(img, suite="bookworm", size_mib=1024, mirror="http://deb.debian.org/debian")
+        _prune(CACHE.glob("debian-bookworm-*.img"), keep=img)
     img.chmod(0o444)
     return img
 
