@@ -30,15 +30,24 @@ class Backend(Protocol):
 
 
 def get_backend(kind: BackendKind | str, *, initrd: Path | None = None) -> Backend:
-    from apppot.backends.libvirt import LibvirtBackend
-    from apppot.backends.qemu import QemuBackend
-    from apppot.backends.uml import UmlBackend
+    # Each backend's module is imported only when chosen: every job pays `apppot run`'s start-up.
+    def uml() -> Backend:
+        from apppot.backends.uml import UmlBackend
 
-    backends: dict[BackendKind, Callable[[], Backend]] = {
-        BackendKind.UML: UmlBackend,
-        BackendKind.QEMU: lambda: QemuBackend(initrd=initrd),
-        BackendKind.LIBVIRT: lambda: LibvirtBackend(initrd=initrd),
-    }
+        return UmlBackend()
+
+    def qemu() -> Backend:
+        from apppot.backends.qemu import QemuBackend
+
+        return QemuBackend(initrd=initrd)
+
+    def libvirt() -> Backend:
+        from apppot.backends.libvirt import LibvirtBackend
+
+        return LibvirtBackend(initrd=initrd)
+
+    backends: dict[BackendKind, Callable[[], Backend]] = {BackendKind.UML: uml, BackendKind.QEMU: qemu,
+                                                          BackendKind.LIBVIRT: libvirt}  # fmt: skip
     try:
         kind = BackendKind(kind)
         return backends[kind]()

@@ -24,6 +24,7 @@ class UmlBackend:
 
     def __init__(self, kernel_path: Path | None = None) -> None:
         self.kernel_path = kernel_path
+        self.lpj: int | None = None
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -36,6 +37,7 @@ class UmlBackend:
 
     def prepare(self, spec: JobSpec, rundir: Path) -> None:
         self.kernel_path = kernel.find_uml_kernel(spec.kernel or self.kernel_path)
+        self.lpj = kernel.lpj_for(self.kernel_path)
         assert spec.disk.layer is not None
         if spec.disk.layer_format != "uml-cow":
             raise ApppotError(
@@ -59,6 +61,7 @@ class UmlBackend:
             "con=null", "ssl=null",
             "con0=fd:0,fd:1" if spec.interactive else "con0=null,fd:1",
             "quiet", "panic=-1",
+            *([f"lpj={self.lpj}"] if self.lpj else []),  # measured on this host (kernel.lpj_for)
             "APPPOT_JOBFS=hostfs",
             *spec.extra_args,
         ]  # fmt: skip
