@@ -156,9 +156,9 @@ are only as quiet as the machine.
 
 **apppot adds {added:.2f} s** per job (target < {TARGET_S:.0f} s: {'met' if added < TARGET_S else 'NOT met'}).
 Both jobs request the same memory and disk, so each reuses the slot the previous one claimed. Inside
-the node the apppot job adds the plugin (run twice by the starter, `-classad` then the transfer: ~0.25
-+ 0.3 s, mostly Python start-up) and `apppot run` (~1.2 s, UML boot, measured alone in the pool's
-root); the rest is HTCondor's extra file-transfer step and its 1 s scheduling ticks.
+the node the apppot job adds the plugin (run twice by the starter, `-classad` then the transfer, each
+mostly Python start-up) and `apppot run` (~0.3 s with apppot's UML kernel, 1.5 s with Debian's: see
+"Boot"); the rest is HTCondor's extra file-transfer step and its 1 s scheduling ticks.
 A VM-universe job (submit_templates/apppot-vm.sub, TCG) takes ~80 s whatever the guest does: the
 starter polls the VM every VM_STATUS_INTERVAL, which HTCondor forces to >= 30 s (the guest itself
 boots, runs and powers off in ~4–8 s).
