@@ -166,6 +166,24 @@ def test_sigterm_stops_the_job_politely(backend, tiny_image, job_dir):
     assert vm_processes("term-test") == []
 
 
+def test_sigkill_of_apppot_takes_the_vm_with_it(backend, tiny_image, job_dir):
+    """The batch system's last resort: apppot itself gets SIGKILL and cannot clean up. The VM and
+    every host process it forked must still go (PDEATHSIG; UML's helpers: kernel/patches/0003)."""
+    vm_id = f"sigkill-{backend}"
+    argv = [sys.executable, "-m", "apppot", "run", "--backend", backend, "--image", os.fspath(tiny_image),
+            "--id", vm_id, "--", "sh", "-c", "echo started; sleep 100"]  # fmt: skip
+    p = subprocess.Popen(argv, cwd=job_dir, env={**os.environ, "PYTHONPATH": os.fspath(REPO)},
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    assert p.stdout is not None and p.stdout.readline() == "started\n"
+    assert vm_processes(vm_id), "the VM's processes should be visible while it runs"
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 15
+    while vm_processes(vm_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert vm_processes(vm_id) == []
+
+
 def test_job_ignoring_sigterm_is_killed_after_the_grace_period(backend, tiny_image, job_dir):
     argv = [sys.executable, "-m", "apppot", "run", "--backend", backend, "--image", os.fspath(tiny_image),
             "--id", "kill-test", "--grace", "2", "--", "sh", "-c", 'trap "" TERM; echo started; sleep 100']  # fmt: skip
