@@ -19,27 +19,15 @@ import sys
 import time
 from pathlib import Path
 
+from apppot.pool import POOL, pool_env
+
 REPO = Path(__file__).resolve().parent.parent
-POOL = REPO / "scripts" / "personal-pool"
 SCRIPT = 'echo "hello from $(uname -sr) as $(id -un)"; tr " " "\\n" < input.txt | sort -n > sorted.txt; exit 42'
 COMMAND = ["sh", "-c", SCRIPT]
 
 
 def say(msg: str) -> None:
     print(f"\n=== {msg}", flush=True)
-
-
-def pool_env() -> dict[str, str]:
-    out = subprocess.run([os.fspath(POOL), "env"], capture_output=True, text=True, check=True).stdout
-    env = dict(os.environ)
-    for line in out.splitlines():
-        words = shlex.split(line)
-        if words[:1] == ["export"]:
-            env.update(w.split("=", 1) for w in words[1:] if "=" in w)  # type: ignore[misc]
-        elif words[:1] == ["unset"]:
-            for w in words[1:]:
-                env.pop(w, None)
-    return env
 
 
 def main() -> int:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -20,23 +18,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(REPO))
-POOL = REPO / "scripts" / "personal-pool"
-DOC = REPO / "docs" / "performance.md"
+sys.path.insert(0, os.fspath(REPO / "bench"))
+
+from perfdoc import write_section  # noqa: E402
+
+from apppot.pool import POOL, pool_env  # noqa: E402
 SECTION = "## HTCondor jobs"
 TARGET_S = 2.0
-
-
-def pool_env() -> dict[str, str]:
-    out = subprocess.run([os.fspath(POOL), "env"], capture_output=True, text=True, check=True).stdout
-    env: dict[str, str] = {}
-    for line in out.splitlines():
-        words = shlex.split(line)
-        if words[:1] == ["export"]:
-            env.update(w.split("=", 1) for w in words[1:] if "=" in w)  # type: ignore[misc]
-        elif words[:1] == ["unset"]:
-            for w in words[1:]:
-                env[w] = ""
-    return env
 
 
 def run_one(htcondor2, schedd, desc: dict[str, str], timeout_s: float = 120) -> float:
@@ -65,17 +53,6 @@ def run_one(htcondor2, schedd, desc: dict[str, str], timeout_s: float = 120) -> 
     return elapsed
 
 
-def write_section(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text, doc)
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=7)
@@ -87,11 +64,8 @@ def main() -> int:
     subprocess.run([os.fspath(POOL), "up"], check=True)
     try:
         env = pool_env()
-        for k, v in env.items():
-            if v:
-                os.environ[k] = v
-            else:
-                os.environ.pop(k, None)
+        os.environ.clear()
+        os.environ.update(env)
         import htcondor2
 
         from apppot import submit as apppot_submit
@@ -165,7 +139,7 @@ boots, runs and powers off in ~4–8 s).
 """
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
     return 0
 
 

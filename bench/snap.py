@@ -25,8 +25,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(REPO))
+sys.path.insert(0, os.fspath(REPO / "bench"))
+
+from perfdoc import write_section  # noqa: E402
 SNAP = REPO / "apppot" / "guest" / "apppot-snap"
-DOC = REPO / "docs" / "performance.md"
 SECTION = "## apppot-snap"
 CACHE = Path(os.environ.get("APPPOT_CACHE", "/var/cache/apppot"))
 MINBASE = CACHE / "bench-minbase"
@@ -241,17 +243,6 @@ tiny image's base is a build-tree base, so `changes` also verifies busybox and f
 """
 
 
-def write_section(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text, doc)
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -278,7 +269,7 @@ def main() -> int:
         text = report(paths, size, results, uml, args.runs)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
     return 0
 
 

@@ -7,9 +7,10 @@ module builds the two files an execute node needs for that (the knobs APPPOT_VM_
 APPPOT_VM_INITRD point at them):
 
 * vmlinuz: Debian's stock `linux-image-*-amd64` kernel (`apt-get download`, no installation);
-* initrd.img: busybox-static plus the modules for virtio disks, ext2/3/4 and 9p (virtfs), and an
-  /init that loads them, mounts /dev/vda and `switch_root`s into /sbin/apppot-init, which then
-  mounts the job's scratch directory over 9p (APPPOT_JOBFS=9p on the kernel command line).
+* initrd.img: the initramfs of `apppot build --debian` images (apppot.debian.make_initramfs):
+  busybox-static, the modules for virtio disks, ext4 and 9p, and apppot/guest/apppot-initrd, which
+  loads them, mounts /dev/vda and `switch_root`s into /sbin/apppot-init; that mounts the job's
+  scratch directory over 9p (APPPOT_JOBFS=9p on the kernel command line).
 
 Usage (as root on the node, or anywhere, then copy):  python3 -m apppot.condor.vmboot OUTDIR
 """
@@ -17,44 +18,12 @@ Usage (as root on the node, or anywhere, then copy):  python3 -m apppot.condor.v
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-# Loaded in this order (dependencies are resolved from `modinfo` and put first). ext4 asks the
-# crypto API for crc32c at mount time, which modinfo does not list.
-WANTED_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "9pnet_virtio", "9p")
-
-INIT = r"""#!/bin/busybox sh
-# apppot VM boot kit: load the drivers, mount the root disk, hand over to apppot-init.
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-for m in $(cat /modules.list); do insmod "/modules/$m.ko" 2>/dev/null; done
-root=/dev/vda
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in apppot.root=*) root=${arg#apppot.root=} ;; esac
-done
-i=0
-while [ ! -b "$root" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
-mkdir -p /newroot
-if ! mount -o rw "$root" /newroot; then
-    echo "apppot-initrd: cannot mount the root disk $root" >/dev/console
-    echo o >/proc/sysrq-trigger; sleep 60
-fi
-init=/sbin/apppot-init
-[ -x "/newroot$init" ] || init=/sbin/init
-umount /proc /sys
-mount --move /dev /newroot/dev 2>/dev/null || umount /dev
-exec switch_root /newroot "$init"
-"""
-
 
 def download_kernel_deb(workdir: Path, package: str = "linux-image-amd64") -> Path:
     """`apt-get download` the kernel package the metapackage PACKAGE depends on; return the .deb."""
@@ -66,56 +35,12 @@ def download_kernel_deb(workdir: Path, package: str = "linux-image-amd64") -> Pa
     return next(workdir.glob(f"{real}_*.deb"))
 
 
-def module_order(moddir: Path, wanted: tuple[str, ...]) -> list[Path]:
-    """The .ko files for WANTED and everything they depend on, dependencies first."""
-    index = {p.name.split(".ko")[0].replace("-", "_"): p for p in moddir.rglob("*.ko*")}
-    order: list[Path] = []
+def build_initrd(dest: Path, moddir: Path) -> None:
+    """The same initramfs `apppot build --debian` puts in its images (guest/apppot-initrd as /init)."""
+    from apppot import build, debian
 
-    def visit(name: str) -> None:
-        path = index.get(name.replace("-", "_"))
-        if path is None or path in order:
-            return  # built in (or unknown): nothing to load
-        deps = subprocess.run(["modinfo", "-F", "depends", os.fspath(path)], capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-        for dep in filter(None, deps.split(",")):
-            visit(dep)
-        order.append(path)
-
-    for name in wanted:
-        visit(name)
-    return order
-
-
-def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """A gzip-free newc archive of (name, mode, data) entries; directories have empty data."""
-    out = io.BytesIO()
-    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], start=1):
-        nm = name.encode() + b"\0"
-        hdr = "070701" + "".join(f"{v:08X}" for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nm), 0))
-        out.write(hdr.encode() + nm)
-        out.write(b"\0" * (-(110 + len(nm)) % 4))
-        out.write(data)
-        out.write(b"\0" * (-len(data) % 4))
-    return out.getvalue()
-
-
-def build_initrd(dest: Path, moddir: Path, busybox: Path = Path("/bin/busybox")) -> None:
-    modules = module_order(moddir, WANTED_MODULES)
-    entries: list[tuple[str, int, bytes]] = [(d, 0o40755, b"") for d in
-                                             ("bin", "dev", "proc", "sys", "newroot", "modules")]  # fmt: skip
-    entries.append(("bin/busybox", 0o100755, busybox.read_bytes()))
-    entries.append(("init", 0o100755, INIT.encode()))
-    names = []
-    for ko in modules:
-        data = ko.read_bytes()
-        if ko.name.endswith(".xz") or ko.name.endswith(".zst"):
-            raise SystemExit(f"{ko}: compressed modules are not supported by busybox insmod")
-        name = ko.name.split(".ko")[0]
-        names.append(name)
-        entries.append((f"modules/{name}.ko", 0o100644, data))
-    entries.append(("modules.list", 0o100644, ("\n".join(names) + "\n").encode()))
     tmp = dest.with_suffix(".part")
-    tmp.write_bytes(gzip.compress(_cpio_newc(entries), compresslevel=6))
+    tmp.write_bytes(debian.make_initramfs(moddir, build.find_static_busybox()))
     os.replace(tmp, dest)
 
 
