@@ -108,14 +108,15 @@ def _qcow2_virtual_size(path: Path, head: bytes, file_size: int) -> int:
     return vsize
 
 
-def _write_atomically(dest: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write dest through a temporary file in the same directory; nothing is left on failure."""
+def write_atomically(dest: Path, write: Callable[[BinaryIO], None] | bytes) -> None:
+    """Write dest (bytes, or a function that writes the file) through a temporary file in the same
+    directory, then rename: nothing half-written is ever visible, nothing is left on failure."""
     # Not tempfile.mkstemp: importing tempfile costs the transfer plugin (run per job) ~10 ms.
     tmp = os.fspath(dest.parent / f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(write) if isinstance(write, bytes) else write(f)
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except BaseException:
@@ -167,7 +168,7 @@ def create_qcow2_overlay(dest: Path, base: Image, *, size: int | None = None) ->
         f.write(struct.pack(">H", 1) * n_clusters)  # every metadata cluster is used once
         f.truncate(n_clusters * CLUSTER)  # L1 table: zeros, sparse
 
-    _write_atomically(dest, write)
+    write_atomically(dest, write)
     return n_clusters * CLUSTER
 
 
@@ -198,7 +199,7 @@ def create_uml_cow(dest: Path, base: Image) -> int:
         f.write(header)
         f.truncate(length)  # bitmap all zero (nothing copied yet) and data area sparse
 
-    _write_atomically(dest, write)
+    write_atomically(dest, write)
     return length
 
 
@@ -252,5 +253,5 @@ def sha256_of(path: Path, *, update_cache: bool = False) -> str:
             h.update(chunk)
         digest = h.hexdigest()
     if update_cache:
-        _write_atomically(sidecar, lambda f: f.write(json.dumps({"stat": key, "sha256": digest}).encode()))
+        write_atomically(sidecar, json.dumps({"stat": key, "sha256": digest}).encode())
     return digest

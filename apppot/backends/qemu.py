@@ -233,21 +233,8 @@ def image_digest(path: Path, cache: Path | None) -> str:
     digest = image.sha256_of(path)
     if cache is not None:
         with contextlib.suppress(OSError):
-            atomic_write(cache / memo_name, digest.encode())
+            image.write_atomically(cache / memo_name, digest.encode())
     return digest
-
-
-def atomic_write(dest: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def debugfs_dump(img: Path, src: str, dest: Path) -> bool:
@@ -339,7 +326,7 @@ def bootable_kernel(kernel: Path, cache: Path) -> Path:
     if elf is data:
         return kernel
     dest = cache / f"vmlinux-{digest}"
-    atomic_write(dest, elf)
+    image.write_atomically(dest, elf)
     return dest
 
 
@@ -420,7 +407,7 @@ def kvm_probe(boot: BootFiles | None = None) -> tuple[bool, str]:
     if boot is not None or not usable:  # a positive answer without a real boot is not final
         with contextlib.suppress(OSError):
             cache = writable_cache_dir(Path(tempfile.gettempdir()))
-            atomic_write(cache / memo, json.dumps({"usable": usable, "reason": reason}).encode())
+            image.write_atomically(cache / memo, json.dumps({"usable": usable, "reason": reason}).encode())
     return usable, reason
 
 
