@@ -29,17 +29,11 @@ import sys
 import warnings
 from pathlib import Path
 
-CONTROL_DIR = ".apppot"
-NO_STATUS = 255
+from apppot.job import CONTROL_DIR
+from apppot.job import ExitCode as _ExitCode
+from apppot.run import read_status  # the guest's status file is read the same way as by `apppot run`
 
-
-def read_status(ctl: Path) -> tuple[int | None, str]:
-    try:
-        lines = (ctl / "status").read_text(errors="replace").splitlines()
-        status = int(lines[0])
-    except (OSError, ValueError, IndexError):
-        return None, ""
-    return (status if 0 <= status <= 255 else None), "\n".join(lines[1:]).strip()
+NO_STATUS = _ExitCode.NO_STATUS
 
 
 def job_disks(job_ad_path: str | None) -> list[str]:
