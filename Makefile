@@ -28,7 +28,7 @@ help:
 	@echo "make test    install everything needed, then run every test (unit, VM boots, HTCondor)"
 	@echo "make install put apppot on an HTCondor execute node (PREFIX=$(PREFIX) DESTDIR=$(DESTDIR))"
 	@echo "make uml-kernel  build apppot's fast UML kernel (~4 min, cached)"
-	@echo "make bench   run the benchmarks in bench/ (results: docs/performance.md)"
+	@echo "make bench   run the benchmarks in bench/ after make test (results: docs/performance.md)"
 
 # Debian packages: installed only if one is missing (needs root then).
 deps:
@@ -62,8 +62,15 @@ test: venv uml-kernel
 test-unit: venv
 	$(PY) -m pytest -m "not vm and not condor and not soak" tests
 
+# Uses the images `make test` caches (run it first); boot/io print tables for docs/performance.md,
+# snap and condor rewrite their own sections of it.
+TEST_IMAGES = $(APPPOT_CACHE)/test-images
 bench: venv uml-kernel
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	$(PY) bench/staging.py
+	$(PY) bench/boot.py --tiny $$(ls -t $(TEST_IMAGES)/tiny-*.img | head -1) --debian $$(ls -t $(TEST_IMAGES)/debian-*.img | head -1)
+	$(PY) bench/io.py --image $$(ls -t $(TEST_IMAGES)/debian-*.img | head -1)
+	$(PY) bench/snap.py
+	$(PY) bench/condor.py
 
 # What an admin runs on an execute node. The package goes into PREFIX/lib/apppot (no pip needed on
 # the node); commands are small wrappers run by $(PYTHON).
