@@ -129,8 +129,9 @@ def supervise(
     except KeyboardInterrupt:  # a second signal during the polite stop: no more grace
         interrupted = True
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(vm.pid, signal.SIGKILL) if vm.poll() is None else None
+        if vm.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(vm.pid, signal.SIGKILL)
         vm.wait()
         kill_group(vm.pid)  # UML's helper processes outlive the main one if it was killed
     return vm.returncode, timed_out, interrupted

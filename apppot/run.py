@@ -7,6 +7,7 @@ import dataclasses
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -79,8 +80,6 @@ def _stdin_has_data() -> bool:
         st = os.fstat(0)
     except OSError:
         return False
-    import stat
-
     return stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)
 
 

@@ -70,16 +70,21 @@ def history_ad(pool, cluster: int):
 # --- the VM-universe job is slow (~80 s): submit it first, collect it in the last test -------------
 
 
+def submit_template(pool, template: str, name: str) -> tuple[int, pathlib.Path]:
+    """condor_submit of submit_templates/TEMPLATE inside the pool, running ./run.sh with awkward
+    arguments and status 42 on the tiny image; returns (cluster, job dir)."""
+    d = job_dir_with_script(pool, name)
+    (d / template).write_bytes((REPO / "submit_templates" / template).read_bytes())
+    proc = pool.in_pool("condor_submit", "-terse", "image=" + IMAGE, "inputs=run.sh,data.txt",
+                        "cmd=./run.sh 'a b' 'it s' 42", template, cwd=d)  # fmt: skip
+    return int(proc.stdout.strip().split(".")[0]), d
+
+
 @pytest.fixture(scope="module")
 def vm_job(apppot_pool):
     """A VM-universe job from submit_templates/apppot-vm.sub, submitted with condor_submit in the pool."""
-    pool = apppot_pool
-    d = job_dir_with_script(pool, "vm")
-    (d / "apppot-vm.sub").write_bytes((REPO / "submit_templates/apppot-vm.sub").read_bytes())
-    proc = pool.in_pool("condor_submit", "-terse", "image=" + IMAGE, "inputs=run.sh,data.txt",
-                        "cmd=./run.sh 'a b' 'it s' 42", "apppot-vm.sub", cwd=d)  # fmt: skip
-    cluster = int(proc.stdout.strip().split(".")[0])
-    return pool, cluster, d
+    cluster, d = submit_template(apppot_pool, "apppot-vm.sub", "vm")
+    return apppot_pool, cluster, d
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,12 +100,8 @@ def test_vanilla_job_through_plugin(apppot_pool):
     """condor_submit of apppot-vanilla.sub: the starter runs our plugin for apppot://tiny?format=uml,
     `apppot run` boots the COW layer under UML, and stdout, files and the status (42) come back."""
     pool = apppot_pool
-    d = job_dir_with_script(pool, "vanilla")
-    (d / "apppot-vanilla.sub").write_bytes((REPO / "submit_templates/apppot-vanilla.sub").read_bytes())
-    proc = pool.in_pool("condor_submit", "-terse", "image=" + IMAGE, "inputs=run.sh,data.txt",
-                        "cmd=./run.sh 'a b' 'it s' 42", "apppot-vanilla.sub", cwd=d)  # fmt: skip
-    cluster = int(proc.stdout.strip().split(".")[0])
-    ad = pool.wait(cluster, timeout=120)
+    cluster, d = submit_template(pool, "apppot-vanilla.sub", "vanilla")
+    pool.wait(cluster, timeout=120)
     ad = history_ad(pool, cluster)
     assert ad["ExitCode"] == 42, (d / f"apppot.{cluster}.0.err").read_text(errors="replace")
     out = (d / f"apppot.{cluster}.0.out").read_text()
