@@ -19,9 +19,12 @@ from typing import BinaryIO, Callable
 from apppot.errors import ApppotError, NotFoundError, UnreadableError
 
 QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_BACKING_FORMAT_EXT = 0xE2792ACA
 UML_COW_MAGIC = 0x4F4F4F4D  # "MOOO"
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
+# A writable layer holds what the running guest writes: only its owner (the job's user) may read it.
+LAYER_MODE = 0o600
 
 # Formats we recognise but cannot use as a base: name them instead of booting garbage.
 _FOREIGN_MAGIC = {
@@ -30,6 +33,20 @@ _FOREIGN_MAGIC = {
     b"<<< Oracle VM VirtualBox Disk Image >>>": "vdi",
     struct.pack(">I", UML_COW_MAGIC): "uml-cow",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Qcow2Header:
+    """What a qcow2 header says about the files qemu would open besides this one."""
+
+    version: int
+    backing: str | None  # the backing file name as recorded (may be relative to the image's directory)
+    backing_format: str | None  # None: not recorded (qemu would probe it)
+    incompatible_features: int
+
+    @property
+    def has_external_data_file(self) -> bool:
+        return bool(self.incompatible_features & 0x4)  # qemu opens the data file the header names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +102,35 @@ def probe_image(path: Path) -> Image:
     return Image(path, "raw", size)
 
 
+def parse_qcow2_header(head: bytes) -> Qcow2Header | None:
+    """Parse the first 64 KiB of a file; None if it is not qcow2. Never follows what it reads."""
+    if not head.startswith(QCOW2_MAGIC) or len(head) < 72:
+        return None
+    version, bf_off, bf_size = struct.unpack(">IQI", head[4:20])
+    backing = None
+    if bf_off:
+        if bf_off + bf_size > len(head) or bf_size > 1023:
+            raise ApppotError("its qcow2 backing file name lies outside the header (corrupt or crafted image)")
+        backing = head[bf_off : bf_off + bf_size].decode(errors="surrogateescape")
+    incompatible, fmt = 0, None
+    if version >= 3 and len(head) >= 104:
+        (incompatible,) = struct.unpack(">Q", head[72:80])
+        (off,) = struct.unpack(">I", head[100:104])
+        while off + 8 <= len(head):
+            ext, length = struct.unpack(">II", head[off : off + 8])
+            if ext == 0:
+                break
+            if ext == QCOW2_BACKING_FORMAT_EXT:
+                fmt = head[off + 8 : off + 8 + length].decode(errors="replace")
+            off += 8 + -(-length // 8) * 8
+    return Qcow2Header(version, backing, fmt, incompatible)
+
+
+def read_qcow2_header(path: Path) -> Qcow2Header | None:
+    with open(path, "rb") as f:
+        return parse_qcow2_header(f.read(65536))
+
+
 def _qcow2_virtual_size(path: Path, head: bytes, file_size: int) -> int:
     """Sanity-check a qcow2 header (enough to refuse a corrupt base) and return its virtual size."""
     if len(head) < 72:
@@ -108,20 +154,25 @@ def _qcow2_virtual_size(path: Path, head: bytes, file_size: int) -> int:
     return vsize
 
 
-def write_atomically(dest: Path, write: Callable[[BinaryIO], None] | bytes) -> None:
+def write_atomically(dest: Path, write: Callable[[BinaryIO], None] | bytes, *, mode: int = 0o644,
+                     dir_fd: int | None = None) -> None:  # fmt: skip
     """Write dest (bytes, or a function that writes the file) through a temporary file in the same
-    directory, then rename: nothing half-written is ever visible, nothing is left on failure."""
+    directory, then rename: nothing half-written is ever visible, nothing is left on failure, and a
+    symlink planted at dest is replaced, never followed. With dir_fd, dest is a name in that directory."""
     # Not tempfile.mkstemp: importing tempfile costs the transfer plugin (run per job) ~10 ms.
-    tmp = os.fspath(dest.parent / f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    name = f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.part"
+    tmp = name if dir_fd is not None else os.fspath(dest.parent / name)
+    final = dest.name if dir_fd is not None else os.fspath(dest)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(write) if isinstance(write, bytes) else write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
+            if mode != 0o600:
+                os.fchmod(f.fileno(), mode)
+        os.replace(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
 
 
@@ -146,7 +197,7 @@ def create_qcow2_overlay(dest: Path, base: Image, *, size: int | None = None) ->
     if n_clusters > CLUSTER // 2:
         raise ApppotError(f"virtual size {vsize} is too large for one refcount block")
     fmt = base.format.encode()
-    ext = struct.pack(">II", 0xE2792ACA, len(fmt)) + fmt.ljust(-(-len(fmt) // 8) * 8, b"\0")
+    ext = struct.pack(">II", QCOW2_BACKING_FORMAT_EXT, len(fmt)) + fmt.ljust(-(-len(fmt) // 8) * 8, b"\0")
     ext += struct.pack(">II", 0, 0)  # end of header extensions
     backing_off = 104 + len(ext)
     header = struct.pack(
@@ -168,7 +219,7 @@ def create_qcow2_overlay(dest: Path, base: Image, *, size: int | None = None) ->
         f.write(struct.pack(">H", 1) * n_clusters)  # every metadata cluster is used once
         f.truncate(n_clusters * CLUSTER)  # L1 table: zeros, sparse
 
-    write_atomically(dest, write)
+    write_atomically(dest, write, mode=LAYER_MODE)
     return n_clusters * CLUSTER
 
 
@@ -199,7 +250,7 @@ def create_uml_cow(dest: Path, base: Image) -> int:
         f.write(header)
         f.truncate(length)  # bitmap all zero (nothing copied yet) and data area sparse
 
-    write_atomically(dest, write)
+    write_atomically(dest, write, mode=LAYER_MODE)
     return length
 
 

@@ -136,6 +136,7 @@ def stage(req: Request) -> dict[str, Any]:
     try:
         base_path = store.resolve(target.ref)
         base = image.probe_image(base_path)
+        store.backing_chain(base_path)  # a qcow2 base must not build on anything outside the image dirs
     except ApppotError as e:
         missing, unreadable = isinstance(e, NotFoundError), isinstance(e, UnreadableError)
         raise TransferFailure(

@@ -75,6 +75,57 @@ def resolve(ref: str, dirs: list[Path] | None = None) -> Path:
     raise NotFoundError(f"no image named {ref!r} on this node (in {where})", hint=f"images here: {known}")
 
 
+MAX_CHAIN_DEPTH = 16
+
+
+def backing_chain(top: Path, dirs: list[Path] | None = None, *, confine: bool = True) -> list[tuple[Path, str]]:
+    """The images below `top` that qemu would open, as [(resolved path, format)], nearest first.
+
+    The one rule for every backing file, used by the transfer plugin (for a base) and by the VM
+    universe's domain generator (for a disk the job brought): each must resolve inside the node's
+    image directories, so a crafted qcow2 cannot make qemu open a host device or another job's disk.
+    Formats come from the headers (a recorded backing format, else the file's own magic). `top` is
+    read as the caller can read it; callers check where `top` itself is. `confine=False` (a user's own
+    `apppot run`, with the user's own rights) only resolves the chain.
+    """
+    dirs = [] if not confine else image_path() if dirs is None else dirs
+    where = ":".join(map(os.fspath, dirs)) or "none configured"
+    from apppot import image  # not at module level: the plugin's -classad path never needs it
+
+    chain: list[tuple[Path, str]] = []
+    current = top
+    while True:
+        try:
+            header = image.read_qcow2_header(current)
+        except ApppotError as e:
+            raise ApppotError(f"image {current}: {e.message}") from None
+        if header is None:
+            return chain
+        if header.has_external_data_file:
+            raise ApppotError(f"qcow2 image {current} keeps its data in an external file, which apppot refuses",
+                              hint="convert it: qemu-img convert -O qcow2 IMAGE NEW.qcow2")  # fmt: skip
+        if header.backing is None:
+            return chain
+        backing = Path(header.backing)
+        if not backing.is_absolute():
+            backing = current.parent / backing
+        if confine and (".." in backing.parts or not _inside(backing, dirs)):
+            raise ApppotError(
+                f"qcow2 image {current} is backed by {header.backing}, outside this node's image directories ({where})",
+                hint="an image may only build on a base the node holds: stage it with apppot://NAME",
+            )
+        real = Path(os.path.realpath(backing))
+        if not real.is_file():
+            raise NotFoundError(f"qcow2 image {current} is backed by {header.backing}, which does not exist")
+        fmt = header.backing_format or image.probe_image(real).format
+        if fmt not in ("raw", "qcow2"):
+            raise ApppotError(f"qcow2 image {current} is backed by {real} in {fmt} format, which apppot cannot use")
+        chain.append((real, fmt))
+        if len(chain) > MAX_CHAIN_DEPTH:
+            raise ApppotError(f"the backing chain of {top} is longer than {MAX_CHAIN_DEPTH} (a loop?)")
+        current = real
+
+
 def list_images(dirs: list[Path] | None = None) -> list[str]:
     """Names of the images the node holds, for the slot ad and for error messages."""
     dirs = image_path() if dirs is None else dirs

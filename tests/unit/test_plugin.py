@@ -306,3 +306,23 @@ def test_image_path_from_environment_when_condor_has_none(plugin_env):
     assert image_path(APPPOT_IMAGE_PATH="/a:/b") == "/a:/b"
     # a knob in HTCondor's configuration wins over the environment variable
     assert image_path(APPPOT_IMAGE_PATH="/a:/b", _CONDOR_APPPOT_IMAGE_PATH="/from/condor") == "/from/condor"
+
+
+def test_base_whose_backing_chain_leaves_the_image_dirs_is_refused(plugin_env, images, tmp_path, open_tmp):
+    """A qcow2 base in the image directory may only build on another image there (store.backing_chain):
+    its chain would otherwise make qemu open a host file. Refused per file; the other URL still works."""
+    outside = open_tmp / "host-file"
+    outside.write_bytes(b"\0" * 65536)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", outside, images / "chained.qcow2"],
+                   check=True)  # fmt: skip
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", images / "qbase.qcow2",
+                    images / "inside.qcow2"], check=True)  # fmt: skip
+    sb = tmp_path / "sb"
+    rc, ads, _ = run_plugin(plugin_env, sb, [("apppot://chained", "a"), ("apppot://inside", "b")])
+    assert rc == 1
+    assert ads[0]["TransferSuccess"] is False
+    assert f"is backed by {outside}, outside this node's image directories" in ads[0]["TransferError"]
+    assert ads[0]["TransferErrorData"][0]["ErrorType"] == "Specification"
+    assert ads[1]["TransferSuccess"] is True  # a chain that stays inside is fine
+    assert sandbox_files(sb) == {"b"}
+    assert oct((sb / "b").stat().st_mode & 0o777) == "0o600"  # a running guest's writes are its owner's only
