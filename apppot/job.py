@@ -7,7 +7,7 @@ import enum
 import json
 from pathlib import Path
 
-CONTROL_DIR = ".apppot"  # inside the job dir: the host<->guest contract (see guest/apppot-init)
+from apppot.contract import CONTROL_DIR  # inside the job dir: the host<->guest contract
 
 
 class BackendKind(str, enum.Enum):
@@ -76,8 +76,8 @@ class VmOutcome:
             return ExitCode.NO_STATUS
         return self.guest_status
 
-    def write_json(self, path: Path) -> None:
+    def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["console_log"] = str(self.console_log)
         d["exit_code"] = self.exit_code
-        path.write_text(json.dumps(d, indent=2) + "\n")
+        return json.dumps(d, indent=2) + "\n"

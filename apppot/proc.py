@@ -103,7 +103,8 @@ def supervise(
     whole group. Whatever happens, no process of the group is left when this returns.
     """
     log.debug("+ %s", shlex.join(argv))
-    with open(log_path, "ab") as out:
+    # O_NOFOLLOW: the log lives in the job dir, where the guest of an earlier run may have left a symlink
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "ab") as out:
         try:
             vm = subprocess.Popen(argv, stdin=stdin, stdout=stdout if stdout is not None else out,
                                   stderr=out, env=env, pass_fds=pass_fds, cwd=cwd, start_new_session=True,

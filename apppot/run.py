@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shlex
 import shutil
 import stat
 import subprocess
@@ -15,23 +14,24 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from apppot import proc
+from apppot import contract, proc
 from apppot.backends import Backend
 from apppot.errors import ApppotError
 from apppot.job import JobSpec, VmOutcome
 
-# Files of the host<->guest contract that only matter during the run (see guest/apppot-init).
-TRANSIENT = ("params", "argv", "stdin", "stdout", "stderr", "status", "changes.tar.gz")
-
 
 class Tail:
-    """Copies what the guest appends to a file in the job dir to one of our own streams, live."""
+    """Copies what the guest appends to a file in .apppot to one of our own streams, live.
+    Only a regular file is read (contract.open_regular): a guest's symlink or FIFO yields nothing."""
 
-    def __init__(self, path: Path, out: BinaryIO) -> None:
-        self.path, self.out, self.pos = path, out, 0
+    def __init__(self, ctl_fd: int, name: str, out: BinaryIO) -> None:
+        self.ctl_fd, self.name, self.out, self.pos = ctl_fd, name, out, 0
 
     def pump(self) -> None:
-        with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
+        f = contract.open_regular(self.ctl_fd, self.name)
+        if f is None:
+            return
+        with f:
             f.seek(self.pos)
             while chunk := f.read(1 << 16):
                 self.out.write(chunk)
@@ -39,39 +39,30 @@ class Tail:
             self.out.flush()
 
 
-def write_contract(spec: JobSpec) -> None:
+def write_contract(spec: JobSpec, ctl_fd: int) -> None:
     """Everything the guest init reads, written into JOBDIR/.apppot (never on the kernel command line)."""
-    ctl = spec.control_dir
-    ctl.mkdir(exist_ok=True)
-    for name in TRANSIENT + ("console.log", "outcome.json"):
-        with contextlib.suppress(FileNotFoundError):
-            (ctl / name).unlink()  # a stale status from an earlier run must never be taken for this one's
-    params = {"APPPOT_UID": spec.uid, "APPPOT_GID": spec.gid, "APPPOT_INTERACTIVE": int(spec.interactive)}
-    if spec.changes is not None:
-        params["APPPOT_CHANGES"] = stage_changes(spec)
-        if spec.changes_force:
-            params["APPPOT_CHANGES_FORCE"] = 1
-    (ctl / "params").write_text("".join(f"{k}={shlex.quote(str(v))}\n" for k, v in params.items()))
-    if spec.command is not None:
-        # Sourced by the guest's sh: `set -- 'a' 'b c'`. shlex.quote survives spaces, quotes, newlines, UTF-8.
-        (ctl / "argv").write_text("set -- " + " ".join(shlex.quote(a) for a in spec.command) + "\n")
+    contract.remove(ctl_fd, ("console.log",))
+    changes = stage_changes(spec, ctl_fd) if spec.changes is not None else None
+    contract.write_contract(ctl_fd, uid=spec.uid, gid=spec.gid, command=spec.command, interactive=spec.interactive,
+                            changes=changes, changes_force=spec.changes_force)  # fmt: skip
     if not spec.interactive and _stdin_has_data():
-        with open(ctl / "stdin", "wb") as f:
+        fd = os.open("stdin", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=ctl_fd)
+        with os.fdopen(fd, "wb") as f:
             shutil.copyfileobj(sys.stdin.buffer, f)
 
 
-def stage_changes(spec: JobSpec) -> str:
+def stage_changes(spec: JobSpec, ctl_fd: int) -> str:
     """The changes tarball's path relative to the job dir; outside tarballs are linked (or copied) in."""
     assert spec.changes is not None
     src = spec.changes.resolve()
     with contextlib.suppress(ValueError):
-        return os.fspath(src.relative_to(spec.job_dir))
-    dest = spec.control_dir / "changes.tar.gz"
+        return os.fspath(src.relative_to(spec.job_dir.resolve()))
     try:
-        os.link(src, dest)
+        os.link(src, "changes.tar.gz", dst_dir_fd=ctl_fd)
     except OSError:
-        shutil.copyfile(src, dest)
-    return os.fspath(dest.relative_to(spec.job_dir))
+        with open(src, "rb") as f:
+            contract.write_file(ctl_fd, "changes.tar.gz", f.read())
+    return os.fspath(Path(contract.CONTROL_DIR) / "changes.tar.gz")
 
 
 def _stdin_has_data() -> bool:
@@ -83,31 +74,23 @@ def _stdin_has_data() -> bool:
     return stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)
 
 
-def read_status(ctl: Path) -> tuple[int | None, str]:
-    try:
-        lines = (ctl / "status").read_text(errors="replace").splitlines()
-        status = int(lines[0])
-    except (OSError, ValueError, IndexError):
-        return None, ""
-    return (status if 0 <= status <= 255 else None), "\n".join(lines[1:]).strip()
-
-
 def run_job(spec: JobSpec, backend: Backend) -> VmOutcome:
     if not spec.job_dir.is_dir():
         raise ApppotError(f"job directory {spec.job_dir} does not exist")
-    ctl = spec.control_dir
-    console = ctl / "console.log"
+    console = spec.control_dir / "console.log"
+    # One descriptor for the whole run: the guest may rename .apppot or plant symlinks in it.
+    ctl_fd = contract.open_control_dir(spec.job_dir)
     rundir = Path(tempfile.mkdtemp(prefix=f"apppot-{spec.vm_id}-"))
     if spec.disk.layer is None:  # a private writable layer, gone with the run dir
         spec = dataclasses.replace(spec, disk=dataclasses.replace(spec.disk, layer=rundir / "root.cow"))
     start = time.monotonic()
     try:
-        write_contract(spec)
+        write_contract(spec, ctl_fd)
         backend.prepare(spec, rundir)
         plan = backend.plan(spec, rundir)
         for path, text in plan.files:
             path.write_text(text)
-        tails = [Tail(ctl / "stdout", sys.stdout.buffer), Tail(ctl / "stderr", sys.stderr.buffer)]
+        tails = [Tail(ctl_fd, "stdout", sys.stdout.buffer), Tail(ctl_fd, "stderr", sys.stderr.buffer)]
 
         def pump() -> None:
             for t in tails:
@@ -126,18 +109,17 @@ def run_job(spec: JobSpec, backend: Backend) -> VmOutcome:
             on_tick=pump,
         )
         pump()
-        status, message = read_status(ctl)
+        status, message = contract.read_status(ctl_fd)
         outcome = VmOutcome(status, message, rc, timed_out, interrupted, console, round(time.monotonic() - start, 3))
-        outcome.write_json(ctl / "outcome.json")
+        contract.write_file(ctl_fd, "outcome.json", outcome.to_json())
         return outcome
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
         if spec.disk.discard and spec.disk.layer is not None:
             with contextlib.suppress(FileNotFoundError):
                 spec.disk.layer.unlink()
-        for name in TRANSIENT:
-            with contextlib.suppress(FileNotFoundError):
-                (ctl / name).unlink()
+        contract.remove(ctl_fd, contract.TRANSIENT)
+        os.close(ctl_fd)
 
 
 def explain(outcome: VmOutcome) -> str | None:

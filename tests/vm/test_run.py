@@ -250,3 +250,18 @@ def test_qcow2_overlay_given_to_uml_says_which_url_to_use(tiny_image, job_dir):
                    check=True)  # fmt: skip
     res = apppot("run", "--image", job_dir / "disk", "--", "true", cwd=job_dir)
     assert res.returncode == 125 and "format=uml" in res.stderr
+
+
+def test_guest_planting_symlinks_and_fifos_in_the_control_dir(backend, tiny_image, job_dir, open_tmp):
+    """The host side never follows what the guest leaves in .apppot: a symlink to /dev/zero as its
+    stdout (read naively, it never ends), a FIFO as its stderr (an open that blocks), a symlink where
+    the host writes outcome.json. The run ends with the guest's status; the canary is untouched."""
+    canary = open_tmp / "canary"
+    canary.write_text("keep\n")
+    script = (f"cd .apppot && rm -f stdout && ln -s /dev/zero stdout && rm -f stderr && mkfifo stderr "
+              f"&& ln -s {canary} outcome.json && exit 3")  # fmt: skip
+    res = apppot("run", "--backend", backend, "--image", tiny_image, "--", "sh", "-c", script, cwd=job_dir, timeout=90)
+    assert res.returncode == 3, res.stderr
+    assert canary.read_text() == "keep\n"
+    assert outcome(job_dir)["guest_status"] == 3  # written by rename over the guest's symlink
+    assert not (job_dir / ".apppot" / "outcome.json").is_symlink()
