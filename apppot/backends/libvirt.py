@@ -21,15 +21,13 @@ import os
 import signal
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 from apppot.backends import LaunchPlan
+from apppot import domain, store
 from apppot.backends.qemu import (
-    MACHINE,
-    SHARE_TAG,
     QemuBackend,
     choose_accel,
     find_boot_files,
@@ -107,43 +105,14 @@ def serial_path(rundir: Path) -> Path:
 
 def domain_xml(spec: JobSpec, rundir: Path, *, boot: object, domain_type: str, emulator: Path | None) -> str:
     assert spec.disk.layer is not None and boot is not None
-    d = ET.Element("domain", type=domain_type)
-    ET.SubElement(d, "name").text = spec.vm_id
-    ET.SubElement(d, "memory", unit="MiB").text = str(spec.memory_mib)
-    ET.SubElement(d, "vcpu").text = "1"
-    os_el = ET.SubElement(d, "os")
-    ET.SubElement(os_el, "type", arch="x86_64", machine=MACHINE).text = "hvm"
-    ET.SubElement(os_el, "kernel").text = os.fspath(boot.kernel)  # type: ignore[attr-defined]
-    if boot.initrd is not None:  # type: ignore[attr-defined]
-        ET.SubElement(os_el, "initrd").text = os.fspath(boot.initrd)  # type: ignore[attr-defined]
-    ET.SubElement(os_el, "cmdline").text = kernel_cmdline(spec)
-    ET.SubElement(ET.SubElement(d, "features"), "acpi")  # apppot-init's poweroff ends the domain
-    ET.SubElement(d, "cpu", mode="host-passthrough" if domain_type == "kvm" else "maximum")
-    for event in ("on_poweroff", "on_reboot", "on_crash"):
-        ET.SubElement(d, event).text = "destroy"  # panic=-1 reboots: that, too, ends the job
-    dev = ET.SubElement(d, "devices")
-    if emulator is not None:
-        ET.SubElement(dev, "emulator").text = os.fspath(emulator)
-    disk = ET.SubElement(dev, "disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="qcow2", discard="unmap")
-    ET.SubElement(disk, "source", file=os.fspath(spec.disk.layer))
-    # libvirt does not probe backing formats: name the base and its format explicitly.
-    backing = ET.SubElement(disk, "backingStore", type="file")
-    ET.SubElement(backing, "format", type=spec.disk.base_format)
-    ET.SubElement(backing, "source", file=os.fspath(spec.disk.base))
-    ET.SubElement(disk, "target", dev="vda", bus="virtio")
-    fs = ET.SubElement(dev, "filesystem", type="mount", accessmode="squash")  # = qemu security_model=none
-    ET.SubElement(fs, "source", dir=os.fspath(spec.job_dir))
-    ET.SubElement(fs, "target", dir=SHARE_TAG)
-    serial = ET.SubElement(dev, "serial", type="file")
-    ET.SubElement(serial, "source", path=os.fspath(serial_path(rundir)))
-    ET.SubElement(serial, "target", port="0")
-    ET.SubElement(dev, "memballoon", model="none")
-    # qemu runs as the caller, and libvirt relabels (chowns) nothing: not the base, not the job dir.
-    sec = ET.SubElement(d, "seclabel", type="static", model="dac", relabel="no")
-    ET.SubElement(sec, "label").text = f"+{os.getuid()}:+{os.getgid()}"
-    ET.indent(d)
-    return ET.tostring(d, encoding="unicode") + "\n"
+    chain = [(spec.disk.base, spec.disk.base_format), *store.backing_chain(spec.disk.base, confine=False)]
+    return domain.domain_xml(domain.Domain(
+        name=spec.vm_id, domain_type=domain_type, memory_mib=spec.memory_mib, run_as=(os.getuid(), os.getgid()),
+        kernel=boot.kernel, initrd=boot.initrd, cmdline=kernel_cmdline(spec),  # type: ignore[attr-defined]
+        disks=(domain.DomainDisk(spec.disk.layer, "qcow2", backing=tuple(chain)),),
+        share_dir=spec.job_dir, share_mode="squash",  # qemu is the submitter: files are theirs, modes as the guest set
+        serial_file=serial_path(rundir), emulator=emulator,
+    ))  # fmt: skip
 
 
 def open_connection(uri: str):  # type: ignore[no-untyped-def]

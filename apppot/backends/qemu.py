@@ -31,15 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
-from apppot import image, proc
+from apppot import image, proc, store
+from apppot.domain import MACHINE, SHARE_TAG
 from apppot.backends import LaunchPlan
 from apppot.errors import ApppotError
 from apppot.job import BackendKind, Disk, JobSpec
 
 QEMU = "qemu-system-x86_64"
 IMAGE_BOOT_DIR = "/boot/apppot"  # where `apppot build --debian` puts vmlinuz and initrd.img
-MACHINE = "q35"  # measured against pc and microvm in docs/performance.md; libvirt knows it well
-SHARE_TAG = "job"  # the 9p mount tag apppot-init mounts at /home/user/job
 KVM_PROBE_TIMEOUT_S = 20.0
 
 
@@ -187,39 +186,15 @@ def writable_cache_dir(fallback: Path) -> Path:
 
 def raw_base_of(disk: Disk) -> Path | None:
     """The raw file system image at the bottom of the disk's chain (debugfs reads only raw)."""
-    path, fmt = disk.base, disk.base_format
-    for _ in range(8):
-        if fmt == "raw":
-            return path
-        if fmt != "qcow2":
-            return None
-        backing = qcow2_backing(path)
-        if backing is None:
-            return None
-        path, fmt = backing
-    return None
-
-
-def qcow2_backing(path: Path) -> tuple[Path, str] | None:
-    with open(path, "rb") as f:
-        head = f.read(65536)
-    off, size = struct.unpack(">QI", head[8:20])
-    if not off or off + size > len(head):
+    if disk.base_format == "raw":
+        return disk.base
+    if disk.base_format != "qcow2":
         return None
-    name = Path(head[off : off + size].decode())
-    if not name.is_absolute():
-        name = path.parent / name
-    fmt = "raw"
-    hdr_len = struct.unpack(">I", head[100:104])[0] if struct.unpack(">I", head[4:8])[0] >= 3 else 72
-    pos = hdr_len
-    while pos + 8 <= len(head):
-        ext, length = struct.unpack(">II", head[pos : pos + 8])
-        if ext == 0:
-            break
-        if ext == 0xE2792ACA:
-            fmt = head[pos + 8 : pos + 8 + length].decode()
-        pos += 8 + -(-length // 8) * 8
-    return name, image.probe_image(name).format if fmt == "raw" else fmt
+    with contextlib.suppress(ApppotError, OSError):
+        chain = store.backing_chain(disk.base, confine=False)
+        if chain and chain[-1][1] == "raw":
+            return chain[-1][0]
+    return None
 
 
 def image_digest(path: Path, cache: Path | None) -> str:
