@@ -110,6 +110,10 @@ def build_submit(*, image: str, command: Sequence[str], universe: str, memory_mi
             "+PostCmd": classad2.quote(VM_POST),
             "requirements": f'HasAppPot =?= True && HasAppPotVM =?= True && stringListMember("{image}", AppPotImages)',
             "job_max_vacate_time": "20",
+            # apppot's own failures (status 125 with a message) hold the job with the reason
+            "on_exit_hold": "AppPotExitCode =?= 125 && AppPotExitMessage =!= undefined",
+            "on_exit_hold_reason": 'strcat("apppot: ", AppPotExitMessage)',
+            "on_exit_hold_subcode": "125",
             "log": "apppot-vm.$(Cluster).log",
         })
         if walltime_s:

@@ -1,47 +1,59 @@
 """apppot's LIBVIRT_XML_SCRIPT: the libvirt domain for an HTCondor VM-universe job.
 
-HTCondor's condor_vm-gahp runs this as root with the job ClassAd on stdin (old `Name = Value`
-lines, plus VM_WORKING_DIR, VMPARAM_VM_NAME, VMPARAM_vm_Disk ...) and boots whatever domain XML it
-prints. The stock script (libvirt_simple_script.awk) boots the disk's bootloader and offers a pty
-console. This one makes a VM-universe job behave like an `apppot run`:
+HTCondor's condor_vm-gahp runs this as root, in the job's scratch directory, with the job ClassAd on
+stdin (old `Name = Value` lines, plus VMPARAM_VM_NAME, VMPARAM_vm_Disk ... that the gahp assigns),
+and boots whatever domain XML it prints. This one makes a VM-universe job behave like `apppot run`:
+direct kernel boot (node knobs APPPOT_VM_KERNEL / APPPOT_VM_INITRD, or the job's AppPotKernel /
+AppPotInitrd) into apppot-init, the scratch directory shared over 9p at /home/user/job, the host <->
+guest contract (.apppot/params, argv from AppPotCommand) written before boot, ACPI so apppot-init's
+poweroff ends the job, TCG when KVM cannot run a real kernel here.
 
-* disks from `vm_disk`: the format is read from each file's header, and a qcow2 overlay written by
-  the apppot:// plugin gets an explicit <backingStore> with its base's format (libvirt does not
-  probe backing formats);
-* domain type 'kvm' only when KVM can run a real kernel here (probe below), else 'qemu' (TCG):
-  the job still says vm_type = kvm, the VM is just slower;
-* <features><acpi/>: apppot-init powers off, which the starter takes as the job's end;
-* direct kernel boot (APPPOT_VM_KERNEL / APPPOT_VM_INITRD knobs, or the job's AppPotKernel /
-  AppPotInitrd) with `APPPOT_JOBFS=9p` so /sbin/apppot-init runs the job;
-* the job's scratch directory (VM_WORKING_DIR) shared into the guest over 9p (tag `job`), where
-  apppot-init mounts it at /home/user/job; this script writes the host<->guest contract there
-  (.apppot/params, .apppot/argv from the job's AppPotCommand) before the VM starts;
-* the serial console goes to .apppot/console.log in the scratch directory.
+Everything the job controls is hostile (docs/security.md): its ad, every file in the sandbox, and
+whatever the guest writes there. So:
+* the sandbox is this process's working directory, never a path from the ad (VM_WORKING_DIR);
+* everything that touches the sandbox runs in a child process as the sandbox's owner (the job's
+  user): vm_disk and kernel/initrd files are bare names there, opened with O_NOFOLLOW and accepted
+  only as regular files owned by that user; .apppot is written through a descriptor, by rename;
+* a qcow2 disk's backing chain must stay inside the node's image directories (store.backing_chain,
+  the rule the transfer plugin applies too) and is named explicitly in the XML;
+* qemu runs as the job's user (a static DAC label), shares the sandbox with accessmode="mapped" (no
+  host setuid files or device nodes from guest root), and its console is a pty: libvirt, as root,
+  opens no file in the sandbox;
+* a bad ad value or sandbox file never makes this script fail (the startd would take the node's VM
+  universe offline for everyone): the job gets a VM that powers off at once, status 125 and the reason
+  in .apppot/status, which apppot_vm_post turns into apppot.err / AppPotExitCode (the submit template
+  holds the job with that reason). Only node problems (no kernel configured) exit non-zero.
 
-Job attributes read (all optional): AppPotCommand (a shell-quoted command line, split with shlex),
-AppPotChanges (a changes tarball among the job's input files), AppPotKernelArgs, AppPotKernel,
-AppPotInitrd (a transferred file name, or a path inside the node's image directories).
+Job attributes read (all optional): AppPotCommand (a shell-quoted command line), AppPotChanges (a
+changes tarball among the job's input files), AppPotKernelArgs, AppPotKernel, AppPotInitrd (a
+transferred file name, or a path inside the node's image directories).
 Node knobs: APPPOT_VM_KERNEL, APPPOT_VM_INITRD, APPPOT_VM_DOMAIN_TYPE = auto|kvm|qemu (auto).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import re
 import shlex
-import struct
+import stat
 import sys
 import warnings
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+from apppot import contract, domain, image, store
 from apppot.errors import ApppotError
 
-CONTROL_DIR = ".apppot"  # as apppot.job.CONTROL_DIR; see apppot/guest/apppot-init
-SHARE_TAG = "job"  # the 9p mount tag apppot-init mounts at /home/user/job
-QCOW2_BACKING_FORMAT_EXT = 0xE2792ACA
+FAILURE_MEMORY_MIB = 128
+NOBODY = 65534  # qemu's user for the failure VM when the sandbox belongs to root
+
+
+class JobError(ApppotError):
+    """Something the job controls is unusable: the job fails with status 125, the node stays up."""
 
 
 # --- the job ad -----------------------------------------------------------------------------------
@@ -75,17 +87,14 @@ def _parse_old_ad_plain(text: str) -> dict[str, object]:
             continue
         v = value.strip()
         if v.startswith('"') and v.endswith('"') and len(v) >= 2:
-            out[key.strip()] = re.sub(r'\\(.)', r"\1", v[1:-1])
+            out[key.strip()] = re.sub(r"\\(.)", r"\1", v[1:-1])
         elif v.lower() in ("true", "false"):
             out[key.strip()] = v.lower() == "true"
         else:
             try:
                 out[key.strip()] = int(v)
             except ValueError:
-                try:
-                    out[key.strip()] = float(v)
-                except ValueError:
-                    out[key.strip()] = None
+                out[key.strip()] = None
     return out
 
 
@@ -95,6 +104,21 @@ def _get(ad: Mapping[str, object], name: str, default: object = None) -> object:
     for k, v in ad.items():
         if k.lower() == low and v is not None:
             return v
+    return default
+
+
+def _get_str(ad: Mapping[str, object], name: str) -> str:
+    value = _get(ad, name, "")
+    if not isinstance(value, str):
+        raise JobError(f"job attribute {name} must be a string, not {value!r}")
+    return value
+
+
+def _get_int(ad: Mapping[str, object], names: tuple[str, ...], default: int, lo: int, hi: int) -> int:
+    for name in names:
+        value = _get(ad, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi:
+            return int(value)
     return default
 
 
@@ -138,214 +162,206 @@ def kvm_usable(cpuinfo: str | None = None, dev: str = "/dev/kvm") -> bool:
     return bool(flags & {"vmx", "svm"})
 
 
-def domain_type(setting: str | None, probe: Callable[[], bool] = kvm_usable) -> str:
+def domain_type(setting: str | None, probe: Callable[[], bool] | None = None) -> str:
     setting = (setting or "auto").strip().lower()
     if setting in ("kvm", "qemu"):
         return setting
     if setting != "auto":
         raise ApppotError(f"APPPOT_VM_DOMAIN_TYPE = {setting}: expected auto, kvm or qemu")
-    return "kvm" if probe() else "qemu"
+    return "kvm" if (probe or kvm_usable)() else "qemu"
 
 
-# --- disks ----------------------------------------------------------------------------------------
+# --- the sandbox, seen as the job's user ------------------------------------------------------------
 
 
-def qcow2_backing(path: Path) -> tuple[str, str | None] | None:
-    """(backing file, backing format or None) recorded in a qcow2 header; None if it has none."""
-    with open(path, "rb") as f:
-        head = f.read(65536)
-    if not head.startswith(b"QFI\xfb"):
-        return None
-    version, bf_off, bf_size = struct.unpack(">IQI", head[4:20])
-    if not bf_off:
-        return None
-    with open(path, "rb") as f:
-        f.seek(bf_off)
-        backing = f.read(bf_size).decode()
-    fmt = None
-    if version >= 3:
-        (hdr_len,) = struct.unpack(">I", head[100:104])
-        off = hdr_len
-        while off + 8 <= len(head):
-            ext, length = struct.unpack(">II", head[off : off + 8])
-            if ext == 0:
-                break
-            if ext == QCOW2_BACKING_FORMAT_EXT:
-                fmt = head[off + 8 : off + 8 + length].decode()
-            off += 8 + (length + 7) // 8 * 8
-    return backing, fmt
+def open_sandbox_file(name: str, uid: int, what: str) -> int:
+    """A descriptor of NAME in the working directory (the sandbox): a bare name, not a symlink, a
+    regular file owned by the job's user. Raises JobError naming the problem otherwise."""
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise JobError(f"{what} {name!r} must be the name of a file in the job's sandbox (no '/', no '..')",
+                       hint="name a file listed in transfer_input_files, e.g. vm_disk = tiny:vda:w:qcow2")  # fmt: skip
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise JobError(f"{what} {name!r} is not among the job's input files",
+                       hint="add it to transfer_input_files (apppot://NAME for a base the node holds)") from None  # fmt: skip
+    except OSError as e:
+        why = ("is a symlink; apppot only uses files the job transferred" if e.errno == errno.ELOOP
+               else f"cannot be opened: {os.strerror(e.errno or 0)}")  # fmt: skip
+        raise JobError(f"{what} {name!r} {why}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+        os.close(fd)
+        why = "is not a regular file" if not stat.S_ISREG(st.st_mode) else f"is not owned by the job's user (uid {uid})"
+        raise JobError(f"{what} {name!r} {why}")
+    return fd
 
 
-def disk_format(path: Path) -> str:
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+DEVICE = re.compile(r"(vd|hd|sd)[a-z]")
 
 
-def parse_vm_disks(spec: str, workdir: Path) -> list[tuple[Path, str, bool, str | None]]:
-    """VMPARAM_vm_Disk `file:device:perm[:format], ...` -> (path, device, writable, format)."""
+def sandbox_disks(spec: str, uid: int, sandbox: Path) -> list[domain.DomainDisk]:
+    """vm_disk `file:device:perm[:format], ...`: each file a regular file in the sandbox, its format read
+    from its header (never taken from the ad), a qcow2 backing chain inside the image directories."""
     disks = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
-        if len(parts) < 3:
-            raise ApppotError(f"vm_disk entry {item!r}: expected file:device:permission[:format]")
-        path = Path(parts[0]) if parts[0].startswith("/") else workdir / parts[0]
-        disks.append((path, parts[1], parts[2].lower() != "r", parts[3] if len(parts) > 3 else None))
+        if len(parts) not in (3, 4) or not DEVICE.fullmatch(parts[1]) or parts[2].lower() not in ("r", "w"):
+            raise JobError(f"vm_disk entry {item!r}: expected FILE:DEVICE:r|w[:FORMAT] with DEVICE like vda",
+                           hint="vm_disk = tiny:vda:w:qcow2 with apppot://tiny in transfer_input_files")  # fmt: skip
+        fd = open_sandbox_file(parts[0], uid, "vm_disk file")
+        with os.fdopen(fd, "rb") as f:
+            try:
+                header = image.parse_qcow2_header(f.read(65536))
+            except ApppotError as e:
+                raise JobError(f"vm_disk file {parts[0]!r}: {e.message}") from None
+        path = sandbox / parts[0]
+        backing: tuple[tuple[Path, str], ...] = ()
+        if header is not None:
+            try:
+                backing = tuple(store.backing_chain(path))
+            except ApppotError as e:
+                raise JobError(e.message, hint=e.hint) from None
+        disks.append(domain.DomainDisk(path, "qcow2" if header else "raw", parts[1], parts[2].lower() == "w", backing))
+    if not disks:
+        raise JobError("the job has no vm_disk", hint="vm_disk = NAME:vda:w:qcow2 with apppot://NAME in transfer_input_files")
     return disks
 
 
-def _bus_for(device: str) -> str:
-    return {"vd": "virtio", "hd": "ide", "sd": "sata"}.get(device[:2], "virtio")
+def job_boot_file(value: str, uid: int, sandbox: Path, what: str) -> Path:
+    """A kernel/initrd the job names: a file it transferred, or a path inside the image directories."""
+    if value.startswith("/"):
+        try:
+            return store.resolve(value)  # refuses paths outside the image directories
+        except ApppotError as e:
+            raise JobError(f"{what}: {e.message}", hint=e.hint) from None
+    os.close(open_sandbox_file(value, uid, what))
+    return sandbox / value
 
 
-def disk_element(path: Path, device: str, writable: bool, fmt: str | None) -> ET.Element:
-    fmt = fmt or disk_format(path)
-    cdrom = "iso" in path.name.lower()
-    disk = ET.Element("disk", type="file", device="cdrom" if cdrom else "disk")
-    ET.SubElement(disk, "driver", name="qemu", type=fmt)
-    ET.SubElement(disk, "source", file=os.fspath(path))
-    if fmt == "qcow2":
-        backing = qcow2_backing(path)
-        if backing is not None:
-            base, base_fmt = backing
-            base_path = Path(base) if base.startswith("/") else path.parent / base
-            store = ET.SubElement(disk, "backingStore", type="file")
-            ET.SubElement(store, "format", type=base_fmt or disk_format(base_path))
-            ET.SubElement(store, "source", file=os.fspath(base_path))
-            ET.SubElement(store, "backingStore")  # the base has no further backing
-    ET.SubElement(disk, "target", dev=device, bus=_bus_for(device))
-    if not writable or cdrom:
-        ET.SubElement(disk, "readonly")
-    return disk
+def prepare_sandbox(ad: Mapping[str, object], sandbox: Path, uid: int, gid: int) -> dict[str, Any]:
+    """As the job's user: check the sandbox files the domain will name, write the guest contract.
+    Returns what the domain needs (JSON-able), or {"error": message} after reporting it to the job."""
+    try:
+        disks = sandbox_disks(_get_str(ad, "VMPARAM_vm_Disk"), uid, sandbox)
+        boot = {}
+        for attr in ("AppPotKernel", "AppPotInitrd"):
+            value = _get_str(ad, attr)
+            boot[attr] = os.fspath(job_boot_file(value, uid, sandbox, attr)) if value else None
+        try:
+            command = shlex.split(_get_str(ad, "AppPotCommand"))
+            extra = shlex.split(_get_str(ad, "AppPotKernelArgs"))
+        except ValueError as e:
+            raise JobError(f"AppPotCommand or AppPotKernelArgs cannot be split into words: {e}",
+                           hint="check the quotes: the value is a shell-quoted command line") from None  # fmt: skip
+        changes = _get_str(ad, "AppPotChanges")
+        if changes and ("/" in changes or changes in (".", "..")):
+            raise JobError(f"AppPotChanges {changes!r} must be the name of a tarball among the job's input files")
+        ctl_fd = contract.open_control_dir(".", owner=uid)
+        try:
+            contract.write_contract(ctl_fd, uid=uid, gid=gid, command=command or None, changes=changes or None)
+        finally:
+            os.close(ctl_fd)
+        return {"disks": [[os.fspath(d.path), d.format, d.target, d.writable, [[os.fspath(p), f] for p, f in d.backing]]
+                          for d in disks], "kernel": boot["AppPotKernel"], "initrd": boot["AppPotInitrd"],
+                "extra": extra}  # fmt: skip
+    except Exception as e:  # noqa: BLE001 -- whatever it is, the job fails and the node stays up
+        message = e.message if isinstance(e, ApppotError) else f"internal error in apppot_libvirt_xml: {type(e).__name__}: {e}"
+        if isinstance(e, ApppotError) and e.hint:
+            message += f" ({e.hint})"
+        with contextlib.suppress(Exception):
+            ctl_fd = contract.open_control_dir(".", owner=uid, replace_bad=True)
+            try:
+                contract.write_failure(ctl_fd, message)
+            finally:
+                os.close(ctl_fd)
+        return {"error": message}
 
 
-# --- boot files and the guest contract ------------------------------------------------------------
-
-
-def resolve_boot_file(value: object, knob: str, workdir: Path) -> Path | None:
-    """A kernel/initrd named by the job (a transferred file, or a path in the image directories),
-    else the node's knob."""
-    if isinstance(value, str) and value:
-        if not value.startswith("/"):
-            path = workdir / value
-            if ".." in Path(value).parts or not path.is_file():
-                raise ApppotError(f"{value!r} is not among the job's transferred files")
-            return path
-        from apppot import store
-
-        return store.resolve(value)  # refuses paths outside the image directories
-    node = condor_param(knob)
-    return Path(node) if node else None
-
-
-def write_contract(workdir: Path, ad: Mapping[str, object]) -> None:
-    """JOBDIR/.apppot/params and argv, as `apppot run` writes them, owned by the job's user."""
-    st = workdir.stat()
-    ctl = workdir / CONTROL_DIR
-    ctl.mkdir(exist_ok=True)
-    params = {"APPPOT_UID": st.st_uid, "APPPOT_GID": st.st_gid, "APPPOT_INTERACTIVE": 0}
-    changes = _get(ad, "AppPotChanges")
-    if isinstance(changes, str) and changes:
-        params["APPPOT_CHANGES"] = changes
-    files = {"params": "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in params.items())}
-    command = _get(ad, "AppPotCommand")
-    if isinstance(command, str) and command.strip():
-        argv = shlex.split(command)
-        files["argv"] = "set -- " + " ".join(shlex.quote(a) for a in argv) + "\n"
-    for name in ("argv", "status", "stdout", "stderr", "console.log"):
-        with contextlib.suppress(FileNotFoundError):
-            (ctl / name).unlink()
-    # console.log too: libvirt would create it 0600 root, and the job's user must be able to read it
-    for name, text in {**files, "console.log": ""}.items():
-        (ctl / name).write_text(text)
-    for p in [ctl, *ctl.iterdir()]:
-        os.chown(p, st.st_uid, st.st_gid)
-
-
-def kernel_cmdline(root_device: str, extra: object) -> str:
-    args = ["console=ttyS0", f"apppot.root=/dev/{root_device}", f"root=/dev/{root_device}", "rw",
-            "APPPOT_JOBFS=9p", "quiet", "panic=-1"]  # fmt: skip
-    if isinstance(extra, str) and extra.strip():
-        args += shlex.split(extra)
-    return " ".join(args)
+def run_as_user(uid: int, gid: int, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """fn() in a child process with the job user's uid/gid (and no supplementary groups); its result
+    comes back as JSON. Root's rights never touch a path the job controls."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges for good, then work
+        code = 0
+        try:
+            os.close(r)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            data = json.dumps(fn()).encode()
+            with os.fdopen(w, "wb") as out:
+                out.write(data)
+        except BaseException:  # noqa: BLE001 -- the parent reports a child without an answer
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    try:
+        return dict(json.loads(data))
+    except ValueError:
+        return {"error": "internal error in apppot_libvirt_xml: its unprivileged helper gave no answer"}
 
 
 # --- the domain -----------------------------------------------------------------------------------
 
 
-def _memory_mib(ad: Mapping[str, object]) -> int:
-    for name in ("JobVMMemory", "RequestMemory"):
-        v = _get(ad, name)
-        if isinstance(v, (int, float)) and v > 0:
-            return int(v)
-    return 256
+def kernel_cmdline(root_device: str, extra: list[str]) -> str:
+    return " ".join(["console=ttyS0", f"root=/dev/{root_device}", "rw", "APPPOT_JOBFS=9p", "quiet", "panic=-1", *extra])
 
 
-def build_domain(ad: Mapping[str, object], *, dtype: str, kernel: Path | None, initrd: Path | None) -> ET.Element:
-    workdir = Path(str(_get(ad, "VM_WORKING_DIR", os.getcwd())))
-    name = str(_get(ad, "VMPARAM_VM_NAME", "apppot"))
-    disks = parse_vm_disks(str(_get(ad, "VMPARAM_vm_Disk", "")), workdir)
-    if not disks:
-        raise ApppotError("the job has no vm_disk", hint="vm_disk = NAME:vda:w:qcow2 with apppot://NAME in transfer_input_files")
-
-    dom = ET.Element("domain", type=dtype)
-    ET.SubElement(dom, "name").text = name
-    ET.SubElement(dom, "memory", unit="MiB").text = str(_memory_mib(ad))
-    vcpus = _get(ad, "JobVM_VCPUS") or _get(ad, "RequestCpus") or 1
-    ET.SubElement(dom, "vcpu").text = str(int(vcpus))  # type: ignore[call-overload]
-    os_el = ET.SubElement(dom, "os")
-    ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
-    if kernel is not None:
-        ET.SubElement(os_el, "kernel").text = os.fspath(kernel)
-        if initrd is not None:
-            ET.SubElement(os_el, "initrd").text = os.fspath(initrd)
-        ET.SubElement(os_el, "cmdline").text = kernel_cmdline(disks[0][1], _get(ad, "AppPotKernelArgs"))
-    else:
-        ET.SubElement(os_el, "boot", dev="hd")  # no kernel configured: the image's own bootloader
-    features = ET.SubElement(dom, "features")
-    ET.SubElement(features, "acpi")
-    ET.SubElement(features, "apic")
-    if dtype == "kvm":
-        ET.SubElement(dom, "cpu", mode="host-passthrough")
-    for event in ("on_poweroff", "on_reboot", "on_crash"):
-        ET.SubElement(dom, event).text = "destroy"  # any end of the guest ends the job
-
-    dev = ET.SubElement(dom, "devices")
-    for disk in disks:
-        dev.append(disk_element(*disk))
-    fs = ET.SubElement(dev, "filesystem", type="mount", accessmode="passthrough")
-    ET.SubElement(fs, "source", dir=os.fspath(workdir))
-    ET.SubElement(fs, "target", dir=SHARE_TAG)
-    serial = ET.SubElement(dev, "serial", type="file")
-    ET.SubElement(serial, "source", path=os.fspath(workdir / CONTROL_DIR / "console.log"), append="on")
-    ET.SubElement(serial, "target", port="0")
-    if _get(ad, "JobVMNetworking") is True:
-        ntype = str(_get(ad, "JobVMNetworkingType", "nat"))
-        if "nat" in ntype:
-            iface = ET.SubElement(dev, "interface", type="network")
-            ET.SubElement(iface, "source", network="default")
-        else:
-            iface = ET.SubElement(dev, "interface", type="bridge")
-            bridge = _get(ad, "VMPARAM_Bridge_Interface")
-            if bridge:
-                ET.SubElement(iface, "source", bridge=str(bridge))
-        mac = _get(ad, "JobVM_MACADDR")
-        if mac:
-            ET.SubElement(iface, "mac", address=str(mac))
-        ET.SubElement(iface, "model", type="virtio")
-    if _get(ad, "JobVMVNCConsole") is True:
-        ET.SubElement(dev, "graphics", type="vnc", port="-1", autoport="yes")
-    return dom
+def _interface(ad: Mapping[str, object]) -> tuple[str, str, str | None] | None:
+    if _get(ad, "JobVMNetworking") is not True:
+        return None
+    mac = _get(ad, "JobVM_MACADDR")
+    mac = mac if isinstance(mac, str) and re.fullmatch(r"([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}", mac) else None
+    if "nat" in str(_get(ad, "JobVMNetworkingType", "nat")).lower():
+        return "network", "default", mac
+    bridge = str(_get(ad, "VMPARAM_Bridge_Interface", ""))  # the node's VM_BRIDGE_INTERFACE, via the gahp
+    return ("bridge", bridge, mac) if re.fullmatch(r"[A-Za-z0-9_.-]+", bridge) else None
 
 
 def generate(ad_text: str) -> str:
     ad = parse_job_ad(ad_text)
-    workdir = Path(str(_get(ad, "VM_WORKING_DIR", os.getcwd())))
-    kernel = resolve_boot_file(_get(ad, "AppPotKernel"), "APPPOT_VM_KERNEL", workdir)
-    initrd = resolve_boot_file(_get(ad, "AppPotInitrd"), "APPPOT_VM_INITRD", workdir)
+    name = _get(ad, "VMPARAM_VM_NAME")
+    if not isinstance(name, str) or not name:
+        raise ApppotError("the ad from condor_vm-gahp has no VMPARAM_VM_NAME")
+    node_kernel, node_initrd = condor_param("APPPOT_VM_KERNEL"), condor_param("APPPOT_VM_INITRD")
     dtype = domain_type(condor_param("APPPOT_VM_DOMAIN_TYPE"))
-    dom = build_domain(ad, dtype=dtype, kernel=kernel, initrd=initrd)
-    write_contract(workdir, ad)
-    return ET.tostring(dom, encoding="unicode")
+    sandbox = Path(os.getcwd())
+    st = os.stat(".")
+    uid, gid = st.st_uid, st.st_gid
+    if uid == 0:
+        result = {"error": "the job's scratch directory belongs to root; apppot does not run VM jobs as root"}
+    else:
+        result = run_as_user(uid, gid, lambda: prepare_sandbox(ad, sandbox, uid, gid))
+    if "error" in result:
+        if not node_kernel:
+            raise ApppotError(f"cannot give the job a VM that reports its failure ({result['error']}): "
+                              "APPPOT_VM_KERNEL is not set")  # fmt: skip
+        # No disk, no share: the initramfs finds no root disk and powers off; the status is already there.
+        failed = domain.Domain(name=name, domain_type=dtype, memory_mib=FAILURE_MEMORY_MIB, run_as=(uid or NOBODY, gid or NOBODY),
+                               kernel=Path(node_kernel), initrd=Path(node_initrd) if node_initrd else None,
+                               cmdline="console=ttyS0 quiet panic=-1 apppot.refused")  # fmt: skip
+        return domain.domain_xml(failed)
+    disks = tuple(domain.DomainDisk(Path(p), f, t, w, tuple((Path(b), bf) for b, bf in chain))
+                  for p, f, t, w, chain in result["disks"])  # fmt: skip
+    kernel = result["kernel"] or node_kernel
+    initrd = result["initrd"] or node_initrd
+    dom = domain.Domain(
+        name=name, domain_type=dtype, run_as=(uid, gid),
+        memory_mib=_get_int(ad, ("JobVMMemory", "RequestMemory"), 256, 16, 1 << 20),
+        vcpus=_get_int(ad, ("JobVM_VCPUS", "RequestCpus"), 1, 1, 256),
+        kernel=Path(kernel) if kernel else None, initrd=Path(initrd) if initrd else None,
+        cmdline=kernel_cmdline(disks[0].target, result["extra"]), disks=disks,
+        share_dir=sandbox, share_mode="mapped", interface=_interface(ad), vnc=_get(ad, "JobVMVNCConsole") is True,
+    )  # fmt: skip
+    return domain.domain_xml(dom)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,12 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     text = sys.stdin.read()
-    if args:  # LIBVIRT_XML_SCRIPT_ARGS = DEBUGFILE: keep the ad we were given, like the stock script
+    if args:  # LIBVIRT_XML_SCRIPT_ARGS = DEBUGFILE (an admin's path): keep the ad we were given
         with contextlib.suppress(OSError):
             Path(args[0]).write_text(text)
     try:
-        print(generate(text))
-    except (ApppotError, OSError) as e:
+        print(generate(text), end="")
+    except (ApppotError, OSError) as e:  # the node's problem, not the job's: the startd should know
         print(f"apppot_libvirt_xml: error: {e}", file=sys.stderr)
         return 1
     return 0

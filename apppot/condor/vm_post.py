@@ -8,13 +8,14 @@ SCRATCH/.apppot into things that reach the submitter:
 
 * apppot.out, apppot.err: the guest command's stdout and stderr;
 * apppot.status: its exit status (line 1) and apppot's message (line 2), 255 if the guest never
-  reported one (then apppot.console.log, the serial console, comes back too);
+  reported one, 125 if apppot_libvirt_xml refused the job (the reason is the message);
 * the job attribute AppPotExitCode (and AppPotExitMessage), set through condor_chirp, so
   `condor_history -af AppPotExitCode` and job policies (on_exit_hold ...) can use it. Needs
   `+WantIOProxy = true` in the job;
-* the job's writable disk layers (the vm_disk files) are deleted, so they are not transferred
-  back (use --keep-disk to keep them). `vm_no_output_vm = true` cannot be used for this: it makes
-  the vm-gahp delete every file the job created, outputs included.
+* the disk layers the apppot:// plugin staged are deleted, so they are not transferred back (use
+  --keep-disk to keep them); other files, a results disk the job brought included, stay.
+  `vm_no_output_vm = true` cannot be used for this: it makes the vm-gahp delete every file the job
+  created, outputs included.
 It always exits 0: a PostCmd's status does not become the job's ExitCode anyway.
 """
 
@@ -24,33 +25,48 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import urllib.parse
 import warnings
 from pathlib import Path
 
-from apppot.job import CONTROL_DIR
+from apppot import contract
+from apppot.errors import ApppotError
 from apppot.job import ExitCode as _ExitCode
-from apppot.run import read_status  # the guest's status file is read the same way as by `apppot run`
 
 NO_STATUS = _ExitCode.NO_STATUS
 
 
-def job_disks(job_ad_path: str | None) -> list[str]:
-    """The job's vm_disk file names (relative ones only: those are in the scratch directory)."""
+def staged_layers(job_ad_path: str | None) -> list[str]:
+    """Names of the files the apppot:// plugin staged in the sandbox (one per apppot:// URL in
+    TransferInput: HTCondor names it after the URL's last path component, without the query)."""
     if not job_ad_path:
         return []
     try:
         text = Path(job_ad_path).read_text()
     except OSError:
         return []
+    names = []
     for line in text.splitlines():
         key, _, value = line.partition("=")
-        if key.strip().lower() == "vmparam_vm_disk":
-            spec = value.strip().strip('"')
-            return [item.split(":")[0].strip() for item in spec.split(",")
-                    if item.strip() and not item.strip().startswith("/")]  # fmt: skip
-    return []
+        if key.strip().lower() != "transferinput":
+            continue
+        for item in value.strip().strip('"').split(","):
+            url = urllib.parse.urlsplit(item.strip())
+            if url.scheme == "apppot":
+                name = (url.path or url.netloc).rstrip("/").rpartition("/")[2] or url.netloc
+                if name and name not in (".", ".."):
+                    names.append(name)
+    return names
+
+
+def remove_regular(dir_fd: int, name: str) -> None:
+    """Unlink NAME if it is a regular file (never a symlink's target, never outside the directory)."""
+    with contextlib.suppress(OSError):
+        if "/" not in name and stat.S_ISREG(os.lstat(name, dir_fd=dir_fd).st_mode):
+            os.unlink(name, dir_fd=dir_fd)
 
 
 def chirp_binary() -> str | None:
@@ -89,22 +105,29 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    scratch = Path.cwd()
-    ctl = scratch / CONTROL_DIR
-    status, message = read_status(ctl)
-    for src, dest in (("stdout", "apppot.out"), ("stderr", "apppot.err")):
-        with contextlib.suppress(OSError):
-            shutil.copyfile(ctl / src, scratch / dest)
+    # We run as the job's user, but the guest wrote in here: no symlink is followed, nothing is
+    # read that is not a regular file, and outputs are moved (rename) or written by rename.
+    scratch_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    status, message = None, ""
+    try:
+        ctl_fd = contract.open_control_dir(".")
+    except ApppotError as e:
+        message = e.message
+    else:
+        status, message = contract.read_status(ctl_fd)
+        for src, dest in (("stdout", "apppot.out"), ("stderr", "apppot.err")):
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(src, dir_fd=ctl_fd).st_mode):
+                    os.rename(src, dest, src_dir_fd=ctl_fd, dst_dir_fd=scratch_fd)
+        os.close(ctl_fd)
     code = NO_STATUS if status is None else status
     if status is None:
-        message = message or "the VM ended without the guest reporting an exit status (see apppot.console.log)"
-        with contextlib.suppress(OSError):
-            shutil.copyfile(ctl / "console.log", scratch / "apppot.console.log")
-    (scratch / "apppot.status").write_text(f"{code}\n{message}\n")
+        message = message or "the VM ended without the guest reporting an exit status (kernel panic, crash or killed)"
+    contract.write_file(scratch_fd, "apppot.status", f"{code}\n{message}\n")
     if "--keep-disk" not in args:
-        for name in job_disks(os.environ.get("_CONDOR_JOB_AD")):
-            with contextlib.suppress(OSError):
-                (scratch / name).unlink()
+        for name in staged_layers(os.environ.get("_CONDOR_JOB_AD")):
+            remove_regular(scratch_fd, name)
+    os.close(scratch_fd)
     attrs: dict[str, object] = {"AppPotExitCode": code}
     if message:
         attrs["AppPotExitMessage"] = message
