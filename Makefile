@@ -16,9 +16,11 @@ IMAGE_DIR ?= /var/lib/apppot/images
 APPPOT_CACHE ?= /var/cache/apppot
 export APPPOT_CACHE
 
-APT_PACKAGES := python3-dev python3-venv qemu-utils qemu-system-x86 user-mode-linux busybox-static debootstrap e2fsprogs \
-	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config python3-venv shellcheck hyperfine \
-	uml-utilities strace
+# What a pristine Debian 12 (debootstrap minbase + python3-venv, make, git) lacks. gcc + libc6-dev:
+# pip builds libvirt-python from source. kernel/build-uml-kernel installs its own build tools.
+APT_PACKAGES := python3-dev python3-venv gcc libc6-dev libvirt-dev pkg-config \
+	qemu-utils qemu-system-x86 user-mode-linux busybox-static debootstrap e2fsprogs \
+	libvirt-daemon-system libvirt-clients shellcheck hyperfine uml-utilities strace
 KERNEL := $(APPPOT_CACHE)/linux-uml
 
 .PHONY: help deps venv uml-kernel demo test test-unit install uninstall bench clean
