@@ -56,7 +56,7 @@ uml-kernel: $(KERNEL)
 	install -D -m 0755 $(KERNEL) $(DESTDIR)$(PREFIX)/lib/apppot/linux
 
 demo: venv uml-kernel
-	$(PY) -m apppot.demo
+	$(PY) scripts/demo.py
 
 test: venv uml-kernel
 	$(PY) -m pytest -m "" tests

@@ -19,10 +19,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(REPO))
 sys.path.insert(0, os.fspath(REPO / "bench"))
+sys.path.insert(0, os.fspath(REPO / "scripts"))
 
 from perfdoc import write_section  # noqa: E402
-
-from apppot.pool import POOL, pool_env  # noqa: E402
+from pool import POOL, pool_env  # noqa: E402
 SECTION = "## HTCondor jobs"
 TARGET_S = 2.0
 
