@@ -75,10 +75,11 @@ bench: venv uml-kernel
 	$(PY) bench/condor.py
 
 # What an admin runs on an execute node. The package goes into PREFIX/lib/apppot (no pip needed on
-# the node); commands are small wrappers run by $(PYTHON).
+# the node); commands are small wrappers run by $(PYTHON). The drop-ins advertise PREFIX's paths in the
+# slot ad (APPPOT_LAUNCHER, APPPOT_VM_POST), which the submit templates use: they need no rewriting.
 install:
 	install -d $(DESTDIR)$(PREFIX)/lib/apppot $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/libexec/apppot \
-		$(DESTDIR)$(CONDOR_CONFIG_DIR) $(DESTDIR)$(IMAGE_DIR)
+		$(DESTDIR)$(PREFIX)/share/apppot/submit_templates $(DESTDIR)$(CONDOR_CONFIG_DIR) $(DESTDIR)$(IMAGE_DIR)
 	rm -rf $(DESTDIR)$(PREFIX)/lib/apppot/apppot
 	tar -c --exclude=__pycache__ apppot | tar -x -C $(DESTDIR)$(PREFIX)/lib/apppot
 	for cmd in apppot:main apppot-start:start_main; do \
@@ -91,13 +92,14 @@ install:
 	  chmod 0755 $(DESTDIR)$(PREFIX)/libexec/apppot/$$(basename $$f); \
 	done
 	for f in condor_config.d/*.conf; do \
-	  sed -e 's|/usr/local/|$(PREFIX)/|g' -e 's|/var/lib/apppot/images|$(IMAGE_DIR)|g' $$f \
+	  sed -e '/^#/!s|/usr/local/|$(PREFIX)/|g' -e 's|/var/lib/apppot/images|$(IMAGE_DIR)|g' $$f \
 	    > $(DESTDIR)$(CONDOR_CONFIG_DIR)/$$(basename $$f); \
 	done
+	install -m 0644 submit_templates/*.sub $(DESTDIR)$(PREFIX)/share/apppot/submit_templates/
 	if [ -x $(KERNEL) ]; then install -m 0755 $(KERNEL) $(DESTDIR)$(PREFIX)/lib/apppot/linux; fi
 
 uninstall:
-	rm -rf $(DESTDIR)$(PREFIX)/lib/apppot $(DESTDIR)$(PREFIX)/libexec/apppot \
+	rm -rf $(DESTDIR)$(PREFIX)/lib/apppot $(DESTDIR)$(PREFIX)/libexec/apppot $(DESTDIR)$(PREFIX)/share/apppot \
 		$(DESTDIR)$(PREFIX)/bin/apppot $(DESTDIR)$(PREFIX)/bin/apppot-start
 	for f in condor_config.d/*.conf; do rm -f $(DESTDIR)$(CONDOR_CONFIG_DIR)/$$(basename $$f); done
 
