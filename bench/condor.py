@@ -108,7 +108,8 @@ def main() -> int:
     load_after = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in times.items()}
     added = med["apppot"] - med["plain"]
-    kernel_note = ("apppot's UML kernel" if (Path(env.get("CONDOR_ROOT", "/")) / "usr/local/lib/apppot/linux").exists()
+    installed = Path(env.get("CONDOR_ROOT", "/"), env.get("APPPOT_PREFIX", "/usr/local").lstrip("/"), "lib/apppot/linux")
+    kernel_note = ("apppot's UML kernel" if installed.exists()
                    else "Debian's packaged UML kernel (apppot's own kernel not installed: ~1.4 s slower boot)")  # fmt: skip
     rows = "\n".join(
         f"| {name} | **{med[name]:.2f} s** | {min(v):.2f}–{max(v):.2f} s | {' '.join(f'{x:.2f}' for x in v)} |"
