@@ -16,9 +16,11 @@ IMAGE_DIR ?= /var/lib/apppot/images
 APPPOT_CACHE ?= /var/cache/apppot
 export APPPOT_CACHE
 
-APT_PACKAGES := python3-dev python3-venv qemu-utils qemu-system-x86 user-mode-linux busybox-static debootstrap e2fsprogs \
-	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config python3-venv shellcheck hyperfine \
-	uml-utilities strace
+# What a pristine Debian 12 (debootstrap minbase + python3-venv, make, git) lacks. gcc + libc6-dev:
+# pip builds libvirt-python from source. kernel/build-uml-kernel installs its own build tools.
+APT_PACKAGES := python3-dev python3-venv gcc libc6-dev libvirt-dev pkg-config \
+	qemu-utils qemu-system-x86 user-mode-linux busybox-static debootstrap e2fsprogs \
+	libvirt-daemon-system libvirt-clients shellcheck hyperfine uml-utilities strace
 KERNEL := $(APPPOT_CACHE)/linux-uml
 
 .PHONY: help deps venv uml-kernel demo test test-unit install uninstall bench clean
@@ -54,7 +56,7 @@ uml-kernel: $(KERNEL)
 	install -D -m 0755 $(KERNEL) $(DESTDIR)$(PREFIX)/lib/apppot/linux
 
 demo: venv uml-kernel
-	$(PY) -m apppot.demo
+	$(PY) scripts/demo.py
 
 test: venv uml-kernel
 	$(PY) -m pytest -m "" tests
@@ -73,10 +75,11 @@ bench: venv uml-kernel
 	$(PY) bench/condor.py
 
 # What an admin runs on an execute node. The package goes into PREFIX/lib/apppot (no pip needed on
-# the node); commands are small wrappers run by $(PYTHON).
+# the node); commands are small wrappers run by $(PYTHON). The drop-ins advertise PREFIX's paths in the
+# slot ad (APPPOT_LAUNCHER, APPPOT_VM_POST), which the submit templates use: they need no rewriting.
 install:
 	install -d $(DESTDIR)$(PREFIX)/lib/apppot $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/libexec/apppot \
-		$(DESTDIR)$(CONDOR_CONFIG_DIR) $(DESTDIR)$(IMAGE_DIR)
+		$(DESTDIR)$(PREFIX)/share/apppot/submit_templates $(DESTDIR)$(CONDOR_CONFIG_DIR) $(DESTDIR)$(IMAGE_DIR)
 	rm -rf $(DESTDIR)$(PREFIX)/lib/apppot/apppot
 	tar -c --exclude=__pycache__ apppot | tar -x -C $(DESTDIR)$(PREFIX)/lib/apppot
 	for cmd in apppot:main apppot-start:start_main; do \
@@ -89,13 +92,14 @@ install:
 	  chmod 0755 $(DESTDIR)$(PREFIX)/libexec/apppot/$$(basename $$f); \
 	done
 	for f in condor_config.d/*.conf; do \
-	  sed -e 's|/usr/local/|$(PREFIX)/|g' -e 's|/var/lib/apppot/images|$(IMAGE_DIR)|g' $$f \
+	  sed -e '/^#/!s|/usr/local/|$(PREFIX)/|g' -e 's|/var/lib/apppot/images|$(IMAGE_DIR)|g' $$f \
 	    > $(DESTDIR)$(CONDOR_CONFIG_DIR)/$$(basename $$f); \
 	done
+	install -m 0644 submit_templates/*.sub $(DESTDIR)$(PREFIX)/share/apppot/submit_templates/
 	if [ -x $(KERNEL) ]; then install -m 0755 $(KERNEL) $(DESTDIR)$(PREFIX)/lib/apppot/linux; fi
 
 uninstall:
-	rm -rf $(DESTDIR)$(PREFIX)/lib/apppot $(DESTDIR)$(PREFIX)/libexec/apppot \
+	rm -rf $(DESTDIR)$(PREFIX)/lib/apppot $(DESTDIR)$(PREFIX)/libexec/apppot $(DESTDIR)$(PREFIX)/share/apppot \
 		$(DESTDIR)$(PREFIX)/bin/apppot $(DESTDIR)$(PREFIX)/bin/apppot-start
 	for f in condor_config.d/*.conf; do rm -f $(DESTDIR)$(CONDOR_CONFIG_DIR)/$$(basename $$f); done
 

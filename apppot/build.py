@@ -50,16 +50,22 @@ def atomic_output(out: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def read_guest_file(name: str) -> bytes:
+    """One of apppot's guest files (package data, apppot/guest/), so image and host tool agree on the
+    version. A missing one is a broken installation: an image without it would never report a status."""
+    src = resources.files("apppot") / "guest" / name
+    if not src.is_file():
+        raise ApppotError(f"guest file {name} is missing from this apppot installation ({src})",
+                          hint="reinstall apppot (the wheel or `make install` ships apppot/guest/)")  # fmt: skip
+    return src.read_bytes()
+
+
 def install_guest_tools(root: Path) -> None:
     """Copy apppot's guest scripts (package data) into an image tree."""
-    guest = resources.files("apppot") / "guest"
     for name, dest in GUEST_TOOLS.items():
-        src = guest / name
-        if not src.is_file():
-            continue
         target = root / dest
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(src.read_bytes())
+        target.write_bytes(read_guest_file(name))
         target.chmod(0o644 if name.endswith(".exclude") else 0o755)
 
 

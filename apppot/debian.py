@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-from importlib import resources
 from pathlib import Path
 
 from apppot import build, proc
@@ -229,7 +228,7 @@ def make_initramfs(moddir: Path, busybox: Path) -> bytes:
     modules = module_order(moddir)
     if not any(m.name.startswith("9p.ko") for m in modules):
         raise ApppotError(f"the kernel in {moddir} has no 9p module", hint="use a standard (not cloud) kernel flavour")
-    init = (resources.files("apppot") / "guest" / "apppot-initrd").read_bytes()
+    init = build.read_guest_file("apppot-initrd")
     entries = [(d, 0o40755, b"") for d in ("bin", "dev", "proc", "sys", "newroot", "modules")]
     entries += [("bin/busybox", 0o100755, busybox.read_bytes()), ("init", 0o100755, init)]
     names = []

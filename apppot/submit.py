@@ -22,8 +22,10 @@ from typing import Any
 
 from apppot.errors import ApppotError
 
-LAUNCHER = "/usr/local/bin/apppot"  # 50-apppot.conf: APPPOT_LAUNCHER; `make install` puts it there
-VM_POST = "/usr/local/libexec/apppot/apppot_vm_post"
+# Paths on the execute point, as its slot ad advertises them (50-apppot.conf, 60-apppot-vm.conf): the
+# schedd fills in $$(...) from the matched slot, so any PREFIX the node's admin chose works.
+LAUNCHER = "$$(APPPOT_LAUNCHER)"
+VM_POST = "$$(APPPOT_VM_POST)"
 UML_OVERHEAD_MIB = 64  # the UML kernel process itself, on top of the guest RAM file in /dev/shm
 
 # JobStatus values
@@ -215,7 +217,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--job-dir", type=Path, default=Path("."), metavar="DIR",
                    help="where inputs are and outputs land (default: the current directory)")  # fmt: skip
     p.add_argument("--walltime", type=_walltime, metavar="S", help="stop the job after S seconds (or 90m, 2h)")
-    p.add_argument("--launcher", default=LAUNCHER, help="`apppot` on the execute points (default: %(default)s)")
+    p.add_argument("--launcher", default=LAUNCHER,
+                   help="`apppot` on the execute points (default: %(default)s, the path each one advertises)")
     p.add_argument("--spool", action="store_true",
                    help="send inputs to the schedd and fetch outputs back (the schedd cannot see --job-dir)")
     p.add_argument("--wait", action="store_true", help="wait for the job and report its result")

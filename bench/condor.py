@@ -19,10 +19,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(REPO))
 sys.path.insert(0, os.fspath(REPO / "bench"))
+sys.path.insert(0, os.fspath(REPO / "scripts"))
 
 from perfdoc import write_section  # noqa: E402
-
-from apppot.pool import POOL, pool_env  # noqa: E402
+from pool import POOL, pool_env  # noqa: E402
 SECTION = "## HTCondor jobs"
 TARGET_S = 2.0
 
@@ -108,7 +108,8 @@ def main() -> int:
     load_after = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in times.items()}
     added = med["apppot"] - med["plain"]
-    kernel_note = ("apppot's UML kernel" if (Path(env.get("CONDOR_ROOT", "/")) / "usr/local/lib/apppot/linux").exists()
+    installed = Path(env.get("CONDOR_ROOT", "/"), env.get("APPPOT_PREFIX", "/usr/local").lstrip("/"), "lib/apppot/linux")
+    kernel_note = ("apppot's UML kernel" if installed.exists()
                    else "Debian's packaged UML kernel (apppot's own kernel not installed: ~1.4 s slower boot)")  # fmt: skip
     rows = "\n".join(
         f"| {name} | **{med[name]:.2f} s** | {min(v):.2f}–{max(v):.2f} s | {' '.join(f'{x:.2f}' for x in v)} |"

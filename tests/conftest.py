@@ -7,13 +7,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "plugins" / "apppot_plugin"
+
+
+def as_user(uid: int, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """argv run as uid and gid `uid`, without supplementary groups: an ordinary user, like a job's on
+    an execute node. setpriv needs root but no user namespaces, so it works in a chroot too."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *map(os.fspath, argv)]
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -35,16 +35,20 @@ exit "$3"
 
 @pytest.fixture(scope="module")
 def apppot_pool(pool):
-    """The pool, once its startd advertises the tiny image (the plugin's -classad answer)."""
+    """The pool, once its startd advertises the tiny image (the plugin's -classad answer) and the paths of
+    THIS install: a job matched against the ad of an earlier one gets that one's $$(APPPOT_*) paths."""
+    prefix = pool.env["APPPOT_PREFIX"]
     deadline = time.monotonic() + 60
     while True:
-        ads = [a for a in pool.startd_ads(["SlotType", "HasAppPot", "AppPotImages", "HasAppPotVM"])
-               if a.get("SlotType") != "Dynamic"]  # fmt: skip
-        if ads and ads[0].get("HasAppPot") is True and IMAGE in str(ads[0].get("AppPotImages", "")).split(","):
+        ads = [a for a in pool.startd_ads(["SlotType", "HasAppPot", "AppPotImages", "HasAppPotVM", "APPPOT_LAUNCHER",
+                                           "APPPOT_VM_POST"]) if a.get("SlotType") != "Dynamic"]  # fmt: skip
+        if (ads and ads[0].get("HasAppPot") is True and IMAGE in str(ads[0].get("AppPotImages", "")).split(",")
+                and ads[0].get("APPPOT_LAUNCHER") == f"{prefix}/bin/apppot"
+                and ads[0].get("APPPOT_VM_POST") == f"{prefix}/libexec/apppot/apppot_vm_post"):  # fmt: skip
             return pool
         if time.monotonic() > deadline:
-            pytest.fail(f"the startd never advertised AppPotImages with {IMAGE!r}: {[dict(a) for a in ads]}; "
-                        f"is {pool.image_dir}/{IMAGE}.img there? {pool.logs_hint()}")  # fmt: skip
+            pytest.fail(f"the startd never advertised AppPotImages with {IMAGE!r} and apppot under {prefix}: "
+                        f"{[dict(a) for a in ads]}; is {pool.image_dir}/{IMAGE}.img there? {pool.logs_hint()}")  # fmt: skip
         time.sleep(1)
 
 
@@ -104,6 +108,7 @@ def test_vanilla_job_through_plugin(apppot_pool):
     pool.wait(cluster, timeout=120)
     ad = history_ad(pool, cluster)
     assert ad["ExitCode"] == 42, (d / f"apppot.{cluster}.0.err").read_text(errors="replace")
+    assert ad["MATCH_APPPOT_LAUNCHER"] == pool.env["APPPOT_PREFIX"] + "/bin/apppot"  # not /usr/local
     out = (d / f"apppot.{cluster}.0.out").read_text()
     assert re.search(r"^hello from Linux \S+ as uid 2000$", out, re.MULTILINE), out
     assert "argv: 3 [a b] [it s]" in out
@@ -116,6 +121,20 @@ def test_vanilla_job_through_plugin(apppot_pool):
     assert not (d / IMAGE).exists(), "the UML COW layer was transferred back (--discard-disk missing?)"
     # the host<->guest record of the run came back in the sandbox's .apppot? (not transferred: a subdir)
     assert "apppot://tiny?format=uml" in ad["TransferInput"]
+
+
+def test_node_install_is_under_a_non_default_prefix(apppot_pool):
+    """The pool installs apppot under PREFIX=/opt/apppot, and the slot ad says where: every job here
+    (templates, `apppot submit`) proves that jobs use the node's advertised paths, not make's default."""
+    pool = apppot_pool
+    prefix = pool.env["APPPOT_PREFIX"]
+    assert prefix != "/usr/local"
+    ad = next(a for a in pool.startd_ads(["SlotType", "APPPOT_LAUNCHER", "APPPOT_VM_POST"]) if a.get("SlotType") != "Dynamic")
+    assert ad["APPPOT_LAUNCHER"] == f"{prefix}/bin/apppot"
+    assert ad["APPPOT_VM_POST"] == f"{prefix}/libexec/apppot/apppot_vm_post"
+    if pool.mode == "chroot":
+        assert (pool.root / ad["APPPOT_LAUNCHER"].lstrip("/")).is_file()
+        assert not (pool.root / "usr/local/bin/apppot").exists(), "a default-PREFIX install would hide hard-coded paths"
 
 
 def test_apppot_submit_wait_reports_exit_status(apppot_pool):
@@ -204,6 +223,8 @@ def test_template_dry_run(apppot_pool, template):
     ad = proc.stdout
     assert re.search(r'^Requirements=.*HasAppPot =\?= true.*stringListMember\("tiny",AppPotImages\)', ad, re.MULTILINE), ad
     assert 'apppot://tiny' in ad
+    # the node's paths, whatever its PREFIX: the schedd fills them in from the matched slot ad
+    assert ('Cmd="$$(APPPOT_LAUNCHER)"' if template.name == "apppot-vanilla.sub" else 'PostCmd="$$(APPPOT_VM_POST)"') in ad
     assert "ERROR" not in proc.stderr, proc.stderr
     missing = pool.in_pool("condor_submit", "-dry-run", "-", template.name, cwd=d, check=False)
     assert missing.returncode != 0 and "needs image=NAME" in missing.stderr + missing.stdout
@@ -222,6 +243,7 @@ def test_vm_universe_job(vm_job):
     assert ad["JobUniverse"] == 13  # vm
     assert ad.get("AppPotExitCode") == 42, (dict(ad), sorted(p.name for p in d.iterdir()))
     assert ad["ExitCode"] == 0  # the VM universe cannot carry the guest's status here
+    assert ad["MATCH_APPPOT_VM_POST"] == pool.env["APPPOT_PREFIX"] + "/libexec/apppot/apppot_vm_post"
     assert (d / "apppot.status").read_text().splitlines()[0] == "42"
     out = (d / "apppot.out").read_text()
     assert re.search(r"^hello from Linux \S+ as uid 2000$", out, re.MULTILINE), out

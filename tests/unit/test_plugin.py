@@ -13,17 +13,19 @@ import classad2
 import pytest
 
 from apppot import plugin
-from tests.conftest import PLUGIN
+from tests.conftest import PLUGIN, as_user
 
 PREALLOCATED = 19264  # what HTCondor pre-allocates: (16*1204)/64 * 64 bytes of spaces
 OTHER_UID = 4242  # owns files that the plugin, run without privileges, must not be able to use
+JOB_UID = 4343  # the job's user that runs the plugin in the `unprivileged` cases
 
 
 def run_plugin(env, sandbox: Path, urls, *, upload=False, unprivileged=False, infile_text=None):
     """Write the infile, pre-allocate the outfile, run the plugin; return (exit code, result ads, stderr).
 
-    `unprivileged` runs it in a new user namespace: still our uid, but without root's power to
-    override file permissions, like a job user's plugin on an execute node."""
+    `unprivileged` runs it as JOB_UID, the owner of the sandbox and the in/outfile, without root's power
+    to override file permissions, like a job user's plugin on an execute node (the sandbox must be
+    reachable by that user: under open_tmp, not tmp_path)."""
     sandbox.mkdir(exist_ok=True)
     infile, outfile = sandbox / ".apppot_plugin.in", sandbox / ".apppot_plugin.out"
     if infile_text is None:
@@ -33,8 +35,11 @@ def run_plugin(env, sandbox: Path, urls, *, upload=False, unprivileged=False, in
     if not outfile.exists():
         outfile.write_bytes(b" " * PREALLOCATED)
     argv = [os.fspath(PLUGIN), "-infile", os.fspath(infile), "-outfile", os.fspath(outfile)]
-    if unprivileged:
-        argv = ["unshare", "--user", *argv]
+    if unprivileged and os.geteuid() == 0:  # (not root: unprivileged already)
+        for p in (infile, outfile, sandbox):
+            if p.stat().st_uid == 0:  # a sandbox the test gave to someone else stays theirs
+                os.chown(p, JOB_UID, JOB_UID)
+        argv = as_user(JOB_UID, argv)
     res = subprocess.run(argv + (["-upload"] if upload else []), env=env, cwd=sandbox, capture_output=True,
                          text=True)  # fmt: skip
     text = outfile.read_text()
@@ -183,18 +188,18 @@ def test_bad_input_fails_clearly_and_leaves_nothing(plugin_env, images, tmp_path
     assert {p.name: sha(p) for p in images.iterdir() if p.is_file()} == before
 
 
-def test_unreadable_base(plugin_env, images, tmp_path):
+def test_unreadable_base(plugin_env, images, open_tmp):
     os.chown(images / "base.img", OTHER_UID, OTHER_UID)
     (images / "base.img").chmod(0o600)
-    sb = tmp_path / "sb"
+    sb = open_tmp / "sb"
     rc, ads, _ = run_plugin(plugin_env, sb, [("apppot://base", "disk")], unprivileged=True)
     assert rc == 1 and "not readable" in ads[0]["TransferError"]
     assert ads[0]["TransferErrorData"][0]["ErrorType"] == "Authorization"
     assert sandbox_files(sb) == set()
 
 
-def test_destination_not_writable(plugin_env, images, tmp_path):
-    sb = tmp_path / "sb"
+def test_destination_not_writable(plugin_env, images, open_tmp):
+    sb = open_tmp / "sb"
     sb.mkdir()
     out = sb / ".apppot_plugin.out"  # the outfile is the plugin's to write; the directory is not
     out.write_bytes(b" " * PREALLOCATED)

@@ -335,7 +335,7 @@ def test_build_submit_vanilla(tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("x")
     d = build_submit(image="tiny", command=["./run", "a b"], universe="vanilla", memory_mib=300,
                      inputs=["in.txt"], changes=None, job_dir=tmp_path)  # fmt: skip
-    assert d["transfer_executable"] == "false"
+    assert d["executable"] == "$$(APPPOT_LAUNCHER)" and d["transfer_executable"] == "false"
     assert d["transfer_input_files"] == "apppot://tiny?format=uml, in.txt"
     assert d["arguments"] == "\"run --image tiny --discard-disk --mem 300M -- ./run 'a b'\""
     assert d["request_memory"] == "364"

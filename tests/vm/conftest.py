@@ -17,6 +17,7 @@ import pytest
 
 from apppot import build, kernel
 from apppot.backends import get_backend
+from tests.conftest import as_user
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -121,7 +122,7 @@ def apppot(*args: str | os.PathLike[str], cwd: Path, timeout: float = 120, user:
     """Run the apppot CLI as a user would (a separate process, own session)."""
     argv = [sys.executable, "-m", "apppot", *map(os.fspath, args)]
     if user is not None:
-        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+        argv = as_user(user, argv)
     env = kw.pop("env", None) or {**os.environ, "PYTHONPATH": os.fspath(REPO)}
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]  # fmt: skip

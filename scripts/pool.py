@@ -1,4 +1,5 @@
-"""Host-side access to the personal HTCondor pool of scripts/personal-pool (source tree only)."""
+"""Host-side access to the personal HTCondor pool of scripts/personal-pool: a development helper for
+scripts/demo.py and bench/, not part of the apppot package (an installed apppot has no scripts/)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-POOL = Path(__file__).resolve().parent.parent / "scripts" / "personal-pool"
+POOL = Path(__file__).resolve().parent / "personal-pool"
 
 
 def pool_env() -> dict[str, str]:

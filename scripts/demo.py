@@ -1,4 +1,5 @@
 """`make demo`: the main job — an AppPot job submitted to a real HTCondor pool with `apppot submit`.
+A development helper beside personal-pool, not part of the installed package.
 
 1. bring up the personal pool (scripts/personal-pool: a Debian trixie chroot running HTCondor, into
    which this checkout is installed the way an admin would: `make install`, the tiny image in
@@ -19,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from apppot.pool import POOL, pool_env
+from pool import POOL, pool_env  # scripts/pool.py: python puts this script's directory first
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = 'echo "hello from $(uname -sr) as $(id -un)"; tr " " "\\n" < input.txt | sort -n > sorted.txt; exit 42'
 COMMAND = ["sh", "-c", SCRIPT]
 
