@@ -105,7 +105,9 @@ def serial_path(rundir: Path) -> Path:
 
 def domain_xml(spec: JobSpec, rundir: Path, *, boot: object, domain_type: str, emulator: Path | None) -> str:
     assert spec.disk.layer is not None and boot is not None
-    chain = [(spec.disk.base, spec.disk.base_format), *store.backing_chain(spec.disk.base, confine=False)]
+    chain = [(spec.disk.base, spec.disk.base_format)]
+    if spec.disk.base_format == "qcow2":  # a raw base ends the chain
+        chain += store.backing_chain(spec.disk.base, confine=False)
     return domain.domain_xml(domain.Domain(
         name=spec.vm_id, domain_type=domain_type, memory_mib=spec.memory_mib, run_as=(os.getuid(), os.getgid()),
         kernel=boot.kernel, initrd=boot.initrd, cmdline=kernel_cmdline(spec),  # type: ignore[attr-defined]
