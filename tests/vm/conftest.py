@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -192,10 +193,26 @@ def _libvirt_reachable(uri: str = "qemu:///system") -> bool:
         return False
 
 
+def _kvm_device_as_udev_sets_it() -> None:
+    """Without udev (this machine kind) /dev/kvm stays root-only 0600. libvirtd then finds KVM in
+    its cached probe of qemu but not usable by its qemu user, drops the cache and probes qemu again
+    before every domain start: ~1 min per libvirt run. udev's owner and mode (root:kvm 0660) end that."""
+    import grp
+
+    kvm = Path("/dev/kvm")
+    with contextlib.suppress(KeyError, OSError):
+        gid = grp.getgrnam("kvm").gr_gid
+        st = kvm.stat()
+        if os.geteuid() == 0 and (st.st_gid != gid or st.st_mode & 0o060 != 0o060):
+            os.chown(kvm, -1, gid)
+            kvm.chmod(0o660)
+
+
 @pytest.fixture(scope="session")
 def libvirtd() -> Iterator[None]:
     """libvirtd (and virtlogd) for the libvirt backend: started here if none answers (no systemd in
     the test machine), stopped at the end of the session only if this fixture started them."""
+    _kvm_device_as_udev_sets_it()
     if _libvirt_reachable():
         yield
         return
