@@ -98,7 +98,9 @@ def serial_path(rundir: Path) -> Path:
 
 def domain_xml(spec: JobSpec, rundir: Path, *, boot: QemuBoot, emulator: Path | None) -> str:
     assert spec.disk.layer is not None
-    chain = [(spec.disk.base, spec.disk.base_format), *store.backing_chain(spec.disk.base, confine=False)]
+    chain = [(spec.disk.base, spec.disk.base_format)]
+    if spec.disk.base_format == "qcow2":  # a raw base ends the chain
+        chain += store.backing_chain(spec.disk.base, confine=False)
     return domain.domain_xml(domain.Domain(
         name=spec.vm_id, domain_type="kvm" if boot.accel == "kvm" else "qemu", memory_mib=spec.memory_mib,
         run_as=(os.getuid(), os.getgid()), kernel=boot.files.kernel, initrd=boot.files.initrd,
