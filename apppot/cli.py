@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
-from apppot import __version__, image, store
+from apppot import __version__, image, options, store
 from apppot.errors import ApppotError
-from apppot.job import BackendKind, Disk, ExitCode, JobSpec
+from apppot.job import BackendKind, ExitCode, JobSpec
 
 RUN_EPILOG = """\
 What runs in the guest, first match wins:
@@ -36,28 +36,6 @@ the COW file, so changes made in an interactive session persist across runs.
 """
 
 
-def _walltime(text: str) -> float:
-    mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    t = text.strip().lower()
-    try:
-        value = float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(t)
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"invalid walltime {text!r}: write 3600, 90m or 2h") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("the walltime must be positive")
-    return value
-
-
-def _memory_mib(text: str) -> int:
-    try:
-        size = image.parse_size(text if text[-1:].isalpha() else text + "M")
-    except ApppotError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if size < 32 << 20:
-        raise argparse.ArgumentTypeError(f"--mem {text} is too small: a guest needs at least 32M")
-    return size >> 20
-
-
 def add_run_options(p: argparse.ArgumentParser) -> None:
     disk = p.add_mutually_exclusive_group()
     disk.add_argument("--image", metavar="IMG", help="the job's disk: a raw base, a staged COW file, or an image NAME "
@@ -66,14 +44,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--changes", "--merge", metavar="TARBALL", type=Path,
                    help="apppot-snap changes tarball merged into the guest before the job runs")  # fmt: skip
     p.add_argument("--force-changes", action="store_true", help="merge --changes even if made against another base")
-    p.add_argument("--mem", type=_memory_mib, default=os.environ.get("APPPOT_MEM", "256M"), metavar="SIZE",
+    p.add_argument("--mem", type=options.memory_mib, default=os.environ.get("APPPOT_MEM", "256M"), metavar="SIZE",
                    help="guest memory (default: %(default)s, or $APPPOT_MEM)")  # fmt: skip
     p.add_argument("--kernel", "--linux", "--uml", type=Path, metavar="PATH",
                    help="UML kernel (default: $APPPOT_KERNEL, apppot's built kernel, then Debian's packaged one); "
                    "for qemu/libvirt the guest kernel (default: the image's /boot/apppot, then $APPPOT_VM_KERNEL)")
     p.add_argument("--initrd", type=Path, metavar="PATH", help="qemu/libvirt: the initramfs for --kernel "
                    "(default: the image's /boot/apppot/initrd.img, then $APPPOT_VM_INITRD)")  # fmt: skip
-    p.add_argument("--walltime", type=_walltime, metavar="S", help="stop the job after S seconds (or 90m, 2h): exit 124")
+    p.add_argument("--walltime", type=options.walltime, metavar="S", help="stop the job after S seconds (or 90m, 2h): exit 124")
     p.add_argument("--grace", type=float, default=20.0, metavar="S",
                    help="after SIGTERM or walltime, give the guest S seconds to stop (default: %(default)s)")
     p.add_argument("--id", "--umid", dest="vm_id", metavar="NAME", help="VM name (default: apppot.HOST.PID)")
@@ -87,41 +65,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD ARGS", help="command to run in the guest")
 
 
-def _disk_from_args(args: argparse.Namespace) -> Disk:
-    if args.apppot:
-        sep = "," if "," in args.apppot else ":"
-        if sep not in args.apppot:
-            raise ApppotError(f"--apppot {args.apppot}: expected COW,BASE", hint="e.g. --apppot my.cow,/images/debian.img")
-        cow_s, base_s = args.apppot.split(sep, 1)
-        cow, base = Path(cow_s).absolute(), Path(base_s).absolute()
-        base_img = image.probe_image(base)
-        layer_format = "uml-cow" if args.backend == "uml" else "qcow2"  # qemu/libvirt keep a qcow2 overlay
-        if cow.exists() and image.probe_image(cow).format != layer_format:
-            raise ApppotError(f"{cow} exists and is not a {layer_format} layer", hint="name a new file or an existing one")
-        return Disk(base, base_img.format, cow, layer_format, args.discard_disk)
-    ref = args.image or os.environ.get("APPPOT_IMAGE")
-    if not ref:
-        raise ApppotError("no disk image given", hint="pass --image IMG (or set APPPOT_IMAGE); `apppot build --tiny IMG` makes one")
-    path = Path(ref)
-    if not path.exists() and "/" not in ref:
-        path = store.resolve(ref)  # the NAME of an image the node holds
-    img = image.probe_image(path.absolute())
-    if img.format == "uml-cow":
-        backing = image.read_uml_cow_backing(img.path)
-        if backing is None:
-            raise ApppotError(f"{img.path} is a UML COW file without a backing file name")
-        return Disk(backing, "raw", img.path, "uml-cow", args.discard_disk)
-    if img.format == "qcow2" and args.backend == "uml":
-        raise ApppotError(
-            f"{img.path} is a qcow2 overlay, which UML cannot boot",
-            hint=f"stage it for UML with apppot://{img.path.name}?format=uml in transfer_input_files, or use --backend qemu",
-        )
-    if img.format not in ("raw", "qcow2"):
-        raise ApppotError(f"{img.path} is a {img.format} image; apppot boots raw images (and qcow2 with qemu)")
-    # A private layer in the run directory (apppot fills in the path), removed afterwards.
-    return Disk(img.path, img.format, None, "uml-cow" if args.backend == "uml" else "qcow2", True)
-
-
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
     """The one place where command-line input is validated and turned into a JobSpec."""
     command = list(args.command)
@@ -133,11 +76,11 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     if args.changes is not None and not args.changes.is_file():
         raise ApppotError(f"changes tarball {args.changes} not found", hint="make one with `apppot-snap changes` in the guest")
     return JobSpec(
-        disk=_disk_from_args(args),
+        disk=options.resolve_disk(args.image, args.apppot, BackendKind(args.backend), discard=args.discard_disk),
         job_dir=job_dir,
         command=tuple(command) if command else None,
         backend=BackendKind(args.backend),
-        memory_mib=args.mem if isinstance(args.mem, int) else _memory_mib(args.mem),
+        memory_mib=args.mem if isinstance(args.mem, int) else options.memory_mib(args.mem),
         walltime_s=args.walltime,
         grace_s=args.grace,
         kernel=args.kernel,

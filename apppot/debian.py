@@ -155,30 +155,48 @@ def _add_to_group(group_file: Path, group: str, user: str) -> None:
     group_file.write_text("\n".join(lines) + "\n")
 
 
-def install_boot_files(root: Path, work: Path) -> str:
-    """Download the suite's kernel package in the chroot; put vmlinuz + initramfs in /boot/apppot."""
-    arch = proc.capture(["chroot", os.fspath(root), "dpkg", "--print-architecture"]).strip()
+def download_kernel_deb(dest_dir: Path, *, root: Path | None = None) -> Path:
+    """`apt-get download` the kernel package linux-image-FLAVOUR depends on, with the apt of ROOT (a
+    debootstrapped tree, through chroot) or of this host; return the .deb, in dest_dir."""
+    inroot = ["chroot", os.fspath(root)] if root is not None else []
+    arch = proc.capture([*inroot, "dpkg", "--print-architecture"]).strip()
     if arch not in KERNEL_ARCH:
         raise ApppotError(f"no kernel flavour known for architecture {arch}")
     meta = f"linux-image-{KERNEL_ARCH[arch]}"
-    deps = proc.capture(["chroot", os.fspath(root), "apt-cache", "depends", meta])
-    match = re.search(r"Depends: (linux-image-\S+)", deps)
+    match = re.search(r"Depends: (linux-image-\S+)", proc.capture([*inroot, "apt-cache", "depends", meta]))
     pkg = match.group(1) if match else meta
-    proc.spawn(["chroot", os.fspath(root), "sh", "-c",
-                f"cd /tmp && apt-get -q -o APT::Sandbox::User=root download {pkg}"])  # fmt: skip
-    deb = next((root / "tmp").glob(f"{pkg}_*.deb"))
+    where = root / "tmp" if root is not None else dest_dir  # apt writes into its own cwd
+    download = ["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download", pkg]
+    if root is not None:
+        proc.spawn([*inroot, "sh", "-c", 'cd /tmp && exec "$@"', "sh", *download])
+    else:
+        proc.spawn(download, cwd=dest_dir)
+    deb = next(where.glob(f"{pkg}_*.deb"))
+    if where != dest_dir:
+        deb = Path(shutil.move(deb, dest_dir / deb.name))
+    return deb
+
+
+def unpack_kernel(deb: Path, work: Path) -> tuple[Path, Path, str]:
+    """(vmlinuz, module directory, version) of a linux-image .deb unpacked below WORK."""
     unpacked = work / "kernel"
     proc.spawn(["dpkg-deb", "-x", os.fspath(deb), os.fspath(unpacked)])
-    deb.unlink()
     vmlinuz = next((unpacked / "boot").glob("vmlinuz-*"))
     version = vmlinuz.name.removeprefix("vmlinuz-")
+    return vmlinuz, unpacked / "lib/modules" / version, version
+
+
+def install_boot_files(root: Path, work: Path) -> str:
+    """Download the suite's kernel package in the chroot; put vmlinuz + initramfs in /boot/apppot."""
+    deb = download_kernel_deb(work, root=root)
+    vmlinuz, moddir, version = unpack_kernel(deb, work)
+    deb.unlink()
     boot = root / BOOT_DIR
     boot.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(vmlinuz, boot / "vmlinuz")
-    shutil.copyfile(unpacked / "boot" / f"config-{version}", boot / "config")
+    shutil.copyfile(vmlinuz.parent / f"config-{version}", boot / "config")
     (boot / "version").write_text(version + "\n")
-    busybox = build.find_static_busybox()
-    (boot / "initrd.img").write_bytes(make_initramfs(unpacked / "lib/modules" / version, busybox))
+    (boot / "initrd.img").write_bytes(make_initramfs(moddir, build.find_static_busybox()))
     for f in boot.iterdir():
         f.chmod(0o644)
     return version

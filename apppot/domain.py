@@ -18,6 +18,14 @@ MACHINE = "q35"  # measured against pc and microvm in docs/performance.md; libvi
 SHARE_TAG = "job"  # the 9p mount tag apppot-init mounts at /home/user/job
 
 
+def kernel_cmdline(root_device: str = "vda", extra: tuple[str, ...] | list[str] = ()) -> str:
+    """The guest kernel's command line for a direct kernel boot into apppot-init (qemu, libvirt, the VM
+    universe). root/init are read by the initramfs (guest/apppot-initrd); APPPOT_JOBFS reaches
+    apppot-init as environment. panic=-1 with on_reboot=destroy (-no-reboot): a panic ends the VM."""
+    return " ".join(["console=ttyS0", "quiet", "panic=-1", f"root=/dev/{root_device}", "rw",
+                     "init=/sbin/apppot-init", "APPPOT_JOBFS=9p", *extra])  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class DomainDisk:
     path: Path

@@ -284,10 +284,11 @@ def _trusted(cache_file: Path, image_st: os.stat_result) -> bool:
     return st.st_uid in (0, image_st.st_uid) and not st.st_mode & 0o022
 
 
-def sha256_of(path: Path, *, update_cache: bool = False) -> str:
+def sha256_of(path: Path, *, update_cache: bool = False, memo: bool = False) -> str:
     """The image's sha256: from IMAGE.sha256 if trusted and its recorded stat still matches, else
     computed. `update_cache` (admin tools only; the transfer plugin never writes outside the sandbox)
-    rewrites the sidecar."""
+    rewrites the sidecar. `memo` also keeps it in apppot's cache directories, keyed by the stat (a
+    cache key for extracted boot files; never for pins: the user's own cache is not trusted)."""
     import hashlib  # not at module level: most plugin runs never hash, and start-up time counts
     import json
 
@@ -299,10 +300,22 @@ def sha256_of(path: Path, *, update_cache: bool = False) -> str:
             entry = json.loads(sidecar.read_text())
             if entry["stat"] == key and _trusted(sidecar, st):
                 return str(entry["sha256"])
+        memo_name = ""
+        if memo:
+            from apppot import cache
+
+            memo_name = "sha256-" + hashlib.sha256(f"{os.path.abspath(path)}:{sorted(key.items())}".encode()).hexdigest()[:32]
+
+            for d in cache.cache_dirs("digests"):
+                with contextlib.suppress(OSError):
+                    return (d / memo_name).read_text().strip()
         h = hashlib.sha256()
         while chunk := f.read(1 << 20):
             h.update(chunk)
         digest = h.hexdigest()
     if update_cache:
         write_atomically(sidecar, json.dumps({"stat": key, "sha256": digest}).encode())
+    if memo and (d := cache.writable_cache_dir("digests")) is not None:
+        with contextlib.suppress(OSError):
+            write_atomically(d / memo_name, digest.encode())
     return digest

@@ -7,15 +7,16 @@ import hashlib
 import json
 import os
 import re
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from apppot.errors import NotFoundError
+from apppot import cache as cache_dirs
+from apppot import image
+from apppot import proc
+from apppot.errors import ApppotError, NotFoundError
 
 PACKAGED = Path("/usr/bin/linux")  # Debian's user-mode-linux: works, but ~1.4 s slower per boot
 
@@ -52,7 +53,7 @@ def find_uml_kernel(explicit: Path | None = None, *, notice: bool = True) -> Pat
 
 # --- lpj: skip the guest's ~50 ms delay-loop calibration, with a value measured on THIS host --------
 
-_LPJ_RE = re.compile(rb"Calibrating delay loop\.\.\. [0-9.]+ BogoMIPS \(lpj=([0-9]+)\)")
+_LPJ_RE = re.compile(r"Calibrating delay loop\.\.\. [0-9.]+ BogoMIPS \(lpj=([0-9]+)\)")
 LPJ_MAX_AGE_S = 86400  # VMs migrate between hosts: measure again daily
 
 
@@ -65,28 +66,16 @@ def _host_key(kernel_path: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _lpj_cache_dir() -> Path | None:
-    for d in (os.environ.get("APPPOT_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"), "~/.cache"):
-        if d:
-            p = Path(os.path.expanduser(d)) / ("" if d == os.environ.get("APPPOT_CACHE_DIR") else "apppot")
-            with contextlib.suppress(OSError):
-                p.mkdir(parents=True, exist_ok=True)
-                if os.access(p, os.W_OK):
-                    return p
-    return None
-
-
 def calibrate_lpj(kernel_path: Path, *, boots: int = 3) -> int | None:
     """Boot the kernel with no root file system (it calibrates, then panics: ~0.07 s each) and read
     the delay-loop value it prints; None unless `boots` readings agree within 10 %."""
     values = []
     with tempfile.TemporaryDirectory(prefix="apppot-lpj-") as d:
         for i in range(boots):
-            res = subprocess.run([os.fspath(kernel_path), "mem=32M", f"umid=lpj{os.getpid()}-{i}", f"uml_dir={d}",
-                                  "con=null", "con0=null,fd:1", "ssl=null", "panic=-1", "root=/dev/apppot-none"],
-                                 cwd=d, stdin=subprocess.DEVNULL, capture_output=True, timeout=20,
-                                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))  # fmt: skip
-            m = _LPJ_RE.search(res.stdout + res.stderr)
+            _, out = proc.run([os.fspath(kernel_path), "mem=32M", f"umid=lpj{os.getpid()}-{i}", f"uml_dir={d}",
+                               "con=null", "con0=null,fd:1", "ssl=null", "panic=-1", "root=/dev/apppot-none"],
+                              cwd=d, timeout_s=20)  # fmt: skip
+            m = _LPJ_RE.search(out)
             if not m:
                 return None
             values.append(int(m.group(1)))
@@ -96,11 +85,11 @@ def calibrate_lpj(kernel_path: Path, *, boots: int = 3) -> int | None:
 
 
 def lpj_for(kernel_path: Path) -> int | None:
-    """This host's lpj for the kernel, measured once a day and cached per user; None (the kernel
+    """This host's lpj for the kernel, measured once a day and cached (apppot.cache "lpj"); None (the kernel
     calibrates itself) when there is nowhere to cache it or the readings disagree."""
     if kernel_path == PACKAGED or os.environ.get("APPPOT_LPJ") == "0":
         return None
-    cache = _lpj_cache_dir()
+    cache = cache_dirs.writable_cache_dir("lpj")
     if cache is None:
         return None  # calibrating on every run would cost more than it saves
     key, cache_file = _host_key(kernel_path), cache / "lpj.json"
@@ -111,10 +100,8 @@ def lpj_for(kernel_path: Path) -> int | None:
             return int(entry["lpj"]) if entry["lpj"] else None
     try:
         lpj = calibrate_lpj(kernel_path)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, ApppotError):
         lpj = None
     with contextlib.suppress(OSError):
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({key: {"lpj": lpj, "when": time.time()}}))
-        os.replace(tmp, cache_file)
+        image.write_atomically(cache_file, json.dumps({key: {"lpj": lpj, "when": time.time()}}).encode())
     return lpj

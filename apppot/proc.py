@@ -1,4 +1,5 @@
-"""The only module that starts processes: spawn() for short commands, supervise() for VMs."""
+"""The only module that starts processes: spawn()/capture() for short commands that must succeed,
+run() for ones whose failure the caller handles, supervise() for VMs, run_as_user() to drop root."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from apppot.errors import ApppotError
 
@@ -41,6 +42,54 @@ def capture(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path
     if res.returncode != 0:
         raise _describe_failure(argv, res.returncode, res.stdout + res.stderr)
     return res.stdout
+
+
+def run(argv: Sequence[str], *, timeout_s: float, cwd: Path | str | None = None) -> tuple[int, str]:
+    """Run a short command whose failure the caller handles: (exit code, stdout + stderr). No core
+    files. Raises ApppotError only when it cannot be started or runs past timeout_s."""
+    log.debug("+ %s", shlex.join(argv))
+    try:
+        res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace", cwd=cwd, timeout=timeout_s,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))  # fmt: skip
+    except FileNotFoundError:
+        raise ApppotError(f"command not found: {argv[0]}") from None
+    except subprocess.TimeoutExpired:
+        raise ApppotError(f"{shlex.join(argv)} did not finish within {timeout_s:g} s") from None
+    return res.returncode, res.stdout
+
+
+def run_as_user(uid: int, gid: int, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """fn() in a forked child with only the given uid/gid (no supplementary groups, no way back); its
+    JSON-able result comes back through a pipe, {"error": ...} if the child gave none. A root
+    process uses it so that its rights never touch a path a job controls (condor/libvirt_xml.py)."""
+    import json
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges for good, then work
+        code = 0
+        try:
+            os.close(r)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            data = json.dumps(fn()).encode()
+            with os.fdopen(w, "wb") as out:
+                out.write(data)
+        except BaseException:  # noqa: BLE001 -- the parent reports a child without an answer
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    try:
+        return dict(json.loads(data))
+    except ValueError:
+        return {"error": "internal error: the unprivileged helper process gave no answer"}
 
 
 def group_members(pgid: int) -> list[int]:

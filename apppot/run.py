@@ -39,7 +39,7 @@ class Tail:
             self.out.flush()
 
 
-def write_contract(spec: JobSpec, ctl_fd: int) -> None:
+def prepare_job_dir(spec: JobSpec, ctl_fd: int) -> None:
     """Everything the guest init reads, written into JOBDIR/.apppot (never on the kernel command line)."""
     contract.remove(ctl_fd, ("console.log",))
     changes = stage_changes(spec, ctl_fd) if spec.changes is not None else None
@@ -85,9 +85,8 @@ def run_job(spec: JobSpec, backend: Backend) -> VmOutcome:
         spec = dataclasses.replace(spec, disk=dataclasses.replace(spec.disk, layer=rundir / "root.cow"))
     start = time.monotonic()
     try:
-        write_contract(spec, ctl_fd)
-        backend.prepare(spec, rundir)
-        plan = backend.plan(spec, rundir)
+        prepare_job_dir(spec, ctl_fd)
+        plan = backend.plan(spec, rundir, backend.prepare(spec, rundir))
         for path, text in plan.files:
             path.write_text(text)
         tails = [Tail(ctl_fd, "stdout", sys.stdout.buffer), Tail(ctl_fd, "stderr", sys.stderr.buffer)]

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from apppot import options
 from apppot.errors import ApppotError
 from apppot.job import BackendKind, JobSpec
 
@@ -31,8 +32,6 @@ on the pristine base with `apppot run --changes FILE`.
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from apppot.cli import _memory_mib, _walltime
-
     p = sub.add_parser("snap", help="base + changes: ship only what you changed in an image",
                        description="Run apppot-snap inside an image without booting it by hand.",
                        epilog=SNAP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -48,18 +47,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         disk.add_argument("--apppot", metavar="COW,BASE", help="the COW file and base of `apppot run --apppot`")
         a.add_argument("--backend", choices=[k.value for k in BackendKind], default="uml", help="hypervisor (default: uml)")
         a.add_argument("--kernel", type=Path, metavar="PATH", help="UML kernel (default: as `apppot run`)")
-        a.add_argument("--mem", type=_memory_mib, default=_memory_mib("256M"), metavar="SIZE", help="guest memory (default: 256M)")
-        a.add_argument("--walltime", type=_walltime, default=3600.0, metavar="S", help="give up after S seconds (default: 3600)")
+        a.add_argument("--mem", type=options.memory_mib, default=256, metavar="SIZE", help="guest memory (default: 256M)")
+        a.add_argument("--walltime", type=options.walltime, default=3600.0, metavar="S", help="give up after S seconds (default: 3600)")
         a.set_defaults(func=cmd_snap)
 
 
 def cmd_snap(args: argparse.Namespace) -> int:
-    from apppot import cli
     from apppot.backends import get_backend
     from apppot.run import explain, run_job
 
-    disk = cli._disk_from_args(argparse.Namespace(apppot=args.apppot, image=args.image, backend=args.backend,
-                                                  discard_disk=False))  # fmt: skip
+    disk = options.resolve_disk(args.image, args.apppot, BackendKind(args.backend), discard=False)
     if args.snap_action == "changes":
         out = args.output.absolute()
         if not out.parent.is_dir():

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 from apppot.errors import ApppotError, NotFoundError
+from apppot.knobs import condor_param
 
 KNOB = "APPPOT_IMAGE_PATH"
 # A NAME may omit the usual suffixes: apppot://debian finds debian, debian.img, debian.raw, debian.qcow2.
@@ -15,19 +15,8 @@ NOT_IMAGES = (".sha256", ".part", ".tmp")
 
 
 def image_path() -> list[Path]:
-    """The image directories: the HTCondor knob APPPOT_IMAGE_PATH when the bindings are available
-    and it is set, else the environment variable of the same name. Colon-separated."""
-    value = None
-    try:
-        with warnings.catch_warnings():  # the bindings warn when there is no condor_config at all
-            warnings.simplefilter("ignore")
-            import htcondor2
-
-        value = htcondor2.param.get(KNOB)
-    except Exception:  # no bindings, or a broken config: fall back to the environment
-        value = None
-    value = value or os.environ.get(KNOB, "")
-    return [Path(p) for p in value.split(":") if p.strip()]
+    """The image directories (the knob APPPOT_IMAGE_PATH, colon-separated)."""
+    return [Path(p) for p in (condor_param(KNOB) or "").split(":") if p.strip()]
 
 
 def _inside(path: Path, dirs: list[Path]) -> bool:

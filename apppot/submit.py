@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from apppot import options
 from apppot.errors import ApppotError
 
 # Paths on the execute point, as its slot ad advertises them (50-apppot.conf, 60-apppot-vm.conf): the
@@ -200,8 +201,6 @@ def submit_job(desc: dict[str, str], *, spool: bool = False) -> tuple[Any, Any, 
 
 
 def add_parser(sub: Any) -> None:
-    from apppot.cli import _memory_mib, _walltime
-
     p = sub.add_parser(
         "submit", help="submit an AppPot job to HTCondor (vanilla: UML; vm: the VM universe)",
         description=__doc__.split("\n\n")[0],
@@ -210,13 +209,13 @@ def add_parser(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("--image", required=True, metavar="NAME", help="an image the execute points hold (AppPotImages)")
     p.add_argument("--universe", choices=("vanilla", "vm"), default="vanilla", help="default: %(default)s")
-    p.add_argument("--mem", type=_memory_mib, default="256M", metavar="SIZE", help="guest memory (default: 256M)")
+    p.add_argument("--mem", type=options.memory_mib, default="256M", metavar="SIZE", help="guest memory (default: 256M)")
     p.add_argument("--input", "-i", dest="inputs", action="append", default=[], metavar="FILE",
                    help="a file (or URL) for the job directory, relative to --job-dir (repeatable)")  # fmt: skip
     p.add_argument("--changes", metavar="TARBALL", help="apppot-snap changes tarball in --job-dir, merged before the command")
     p.add_argument("--job-dir", type=Path, default=Path("."), metavar="DIR",
                    help="where inputs are and outputs land (default: the current directory)")  # fmt: skip
-    p.add_argument("--walltime", type=_walltime, metavar="S", help="stop the job after S seconds (or 90m, 2h)")
+    p.add_argument("--walltime", type=options.walltime, metavar="S", help="stop the job after S seconds (or 90m, 2h)")
     p.add_argument("--launcher", default=LAUNCHER,
                    help="`apppot` on the execute points (default: %(default)s, the path each one advertises)")
     p.add_argument("--spool", action="store_true",

@@ -21,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.fspath(REPO))
 
-from apppot import kernel
-from apppot.backends import get_backend, qemu
+from apppot import accel, bootfiles, kernel
+from apppot.backends import get_backend
 from apppot.job import Disk
 
 
@@ -48,12 +48,12 @@ def main() -> int:
     p.add_argument("-n", type=int, default=5)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        kit = qemu.find_boot_files(Disk(args.debian.absolute(), "raw", None, "qcow2", True), kernel=None,
+        kit = bootfiles.find_boot_files(Disk(args.debian.absolute(), "raw", None, "qcow2", True), kernel=None,
                                    initrd=None, rundir=Path(d))  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.fspath(REPO), "APPPOT_VM_KERNEL": os.fspath(kit.kernel),
            "APPPOT_VM_INITRD": os.fspath(kit.initrd)}  # fmt: skip
     built = kernel.find_uml_kernel(notice=False)
-    print(f"accelerator: {qemu.choose_accel(kit)}; n={args.n}; load before: {os.getloadavg()[0]:.2f}\n")
+    print(f"accelerator: {accel.choose_accel(kit)}; n={args.n}; load before: {os.getloadavg()[0]:.2f}\n")
     print("| backend | image | launch -> first job instruction, median s | launch -> exit, median s | exit min | exit max |")
     print("|---|---|---|---|---|---|")
     apppot = [sys.executable, "-m", "apppot", "run"]
@@ -66,7 +66,7 @@ def main() -> int:
         if reason:
             print(f"| {backend} | – | skipped: {reason} | | | |")
             continue
-        rows += [(f"{backend} (TCG)" if "tcg" in qemu.choose_accel(kit) else backend, img.name,
+        rows += [(f"{backend} (TCG)" if "tcg" in accel.choose_accel(kit) else backend, img.name,
                   [*apppot, "--backend", backend, "--image", os.fspath(img.absolute()), "--"])
                  for img in (args.tiny, args.debian)]  # fmt: skip
     with tempfile.TemporaryDirectory() as job:

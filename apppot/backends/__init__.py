@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 from apppot.errors import ApppotError
 from apppot.job import BackendKind, JobSpec
@@ -22,9 +22,11 @@ class Backend(Protocol):
 
     def unavailable_reason(self) -> str | None: ...  # None = usable on this host
 
-    def prepare(self, spec: JobSpec, rundir: Path) -> None: ...  # checks + I/O before boot
+    # Checks and I/O before boot; returns what plan() needs (kernel, accelerator ...), so the backend
+    # object itself keeps no state between the two.
+    def prepare(self, spec: JobSpec, rundir: Path) -> Any: ...
 
-    def plan(self, spec: JobSpec, rundir: Path) -> LaunchPlan: ...  # pure; unit-tested
+    def plan(self, spec: JobSpec, rundir: Path, prepared: Any) -> LaunchPlan: ...  # pure; unit-tested
 
     def polite_stop(self, spec: JobSpec, rundir: Path) -> Callable[[int], None]: ...
 

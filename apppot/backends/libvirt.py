@@ -26,14 +26,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from apppot.backends import LaunchPlan
-from apppot import domain, store
-from apppot.backends.qemu import (
-    QemuBackend,
-    choose_accel,
-    find_boot_files,
-    kernel_cmdline,  # fmt: skip
-    prepare_qcow2_layer,
-)
+from apppot import accel, domain, store
+from apppot.backends.qemu import QemuBackend, QemuBoot, prepare_qcow2_layer
+from apppot.bootfiles import find_boot_files
 from apppot.errors import ApppotError
 from apppot.job import BackendKind, JobSpec
 
@@ -51,8 +46,6 @@ class LibvirtBackend:
         self.uri = uri or default_uri()
         self.initrd = initrd
         self.qemu = QemuBackend()
-        self.boot = None
-        self.domain_type = "qemu"
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -74,18 +67,18 @@ class LibvirtBackend:
         del libvirt
         return None
 
-    def prepare(self, spec: JobSpec, rundir: Path) -> None:
+    def prepare(self, spec: JobSpec, rundir: Path) -> QemuBoot:
         if spec.interactive:
             raise ApppotError("interactive sessions are not supported with --backend libvirt",
                               hint="give a command to run, or use --backend qemu or uml")  # fmt: skip
         prepare_qcow2_layer(spec.disk)
-        self.boot = find_boot_files(spec.disk, kernel=spec.kernel, initrd=self.initrd, rundir=rundir)
-        self.domain_type = "kvm" if choose_accel(self.boot, notice=True) == "kvm" else "qemu"
+        files = find_boot_files(spec.disk, kernel=spec.kernel, initrd=self.initrd, rundir=rundir)
         os.chmod(rundir, 0o755)  # qemu (as the caller) writes the console file there
+        return QemuBoot(files, accel.choose_accel(files, notice=True))
 
-    def plan(self, spec: JobSpec, rundir: Path) -> LaunchPlan:
+    def plan(self, spec: JobSpec, rundir: Path, boot: QemuBoot) -> LaunchPlan:
         xml_path = rundir / "domain.xml"
-        xml = domain_xml(spec, rundir, boot=self.boot, domain_type=self.domain_type, emulator=self.qemu.qemu)
+        xml = domain_xml(spec, rundir, boot=boot, emulator=self.qemu.qemu)
         argv = [sys.executable, "-m", "apppot.backends.libvirt", "--uri", self.uri, "--serial",
                 os.fspath(serial_path(rundir)), os.fspath(xml_path)]  # fmt: skip
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
@@ -103,15 +96,15 @@ def serial_path(rundir: Path) -> Path:
     return rundir / "serial.log"
 
 
-def domain_xml(spec: JobSpec, rundir: Path, *, boot: object, domain_type: str, emulator: Path | None) -> str:
-    assert spec.disk.layer is not None and boot is not None
+def domain_xml(spec: JobSpec, rundir: Path, *, boot: QemuBoot, emulator: Path | None) -> str:
+    assert spec.disk.layer is not None
     chain = [(spec.disk.base, spec.disk.base_format)]
     if spec.disk.base_format == "qcow2":  # a raw base ends the chain
         chain += store.backing_chain(spec.disk.base, confine=False)
     return domain.domain_xml(domain.Domain(
-        name=spec.vm_id, domain_type=domain_type, memory_mib=spec.memory_mib, run_as=(os.getuid(), os.getgid()),
-        kernel=boot.kernel, initrd=boot.initrd, cmdline=kernel_cmdline(spec),  # type: ignore[attr-defined]
-        disks=(domain.DomainDisk(spec.disk.layer, "qcow2", backing=tuple(chain)),),
+        name=spec.vm_id, domain_type="kvm" if boot.accel == "kvm" else "qemu", memory_mib=spec.memory_mib,
+        run_as=(os.getuid(), os.getgid()), kernel=boot.files.kernel, initrd=boot.files.initrd,
+        cmdline=domain.kernel_cmdline(extra=spec.extra_args), disks=(domain.DomainDisk(spec.disk.layer, "qcow2", backing=tuple(chain)),),
         share_dir=spec.job_dir, share_mode="squash",  # qemu is the submitter: files are theirs, modes as the guest set
         serial_file=serial_path(rundir), emulator=emulator,
     ))  # fmt: skip

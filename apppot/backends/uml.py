@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -19,12 +20,19 @@ MCONSOLE_MAGIC, MCONSOLE_VERSION = 0xCAFEBABE, 2
 PAGE = 4096
 
 
+@dataclasses.dataclass(frozen=True)
+class UmlBoot:
+    """What prepare() found for plan()."""
+
+    kernel: Path
+    lpj: int | None  # loops_per_jiffy measured on this host (kernel.lpj_for), skips calibration
+
+
 class UmlBackend:
     kind: ClassVar[BackendKind] = BackendKind.UML
 
     def __init__(self, kernel_path: Path | None = None) -> None:
         self.kernel_path = kernel_path
-        self.lpj: int | None = None
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -35,9 +43,9 @@ class UmlBackend:
 
     # --- checks and I/O before boot ----------------------------------------------------------------
 
-    def prepare(self, spec: JobSpec, rundir: Path) -> None:
-        self.kernel_path = kernel.find_uml_kernel(spec.kernel or self.kernel_path)
-        self.lpj = kernel.lpj_for(self.kernel_path)
+    def prepare(self, spec: JobSpec, rundir: Path) -> UmlBoot:
+        kernel_path = kernel.find_uml_kernel(spec.kernel or self.kernel_path)
+        boot = UmlBoot(kernel_path, kernel.lpj_for(kernel_path))
         assert spec.disk.layer is not None
         if spec.disk.layer_format != "uml-cow":
             raise ApppotError(
@@ -47,12 +55,12 @@ class UmlBackend:
         if not spec.disk.layer.exists():
             image.create_uml_cow(spec.disk.layer, image.probe_image(spec.disk.base))
         check_memory(spec.memory_mib, memory_dir(spec.memory_mib, rundir))
+        return boot
 
-    def plan(self, spec: JobSpec, rundir: Path) -> LaunchPlan:
-        assert self.kernel_path is not None
+    def plan(self, spec: JobSpec, rundir: Path, boot: UmlBoot) -> LaunchPlan:
         ubd = f"{spec.disk.layer},{spec.disk.base}"
         argv = [
-            os.fspath(self.kernel_path),
+            os.fspath(boot.kernel),
             f"umid={spec.vm_id}", f"uml_dir={rundir}",
             f"mem={spec.memory_mib}M",
             f"ubd0={ubd}", "root=/dev/ubda", "rw",
@@ -61,7 +69,7 @@ class UmlBackend:
             "con=null", "ssl=null",
             "con0=fd:0,fd:1" if spec.interactive else "con0=null,fd:1",
             "quiet", "panic=-1",
-            *([f"lpj={self.lpj}"] if self.lpj else []),  # measured on this host (kernel.lpj_for)
+            *([f"lpj={boot.lpj}"] if boot.lpj else []),  # measured on this host (kernel.lpj_for)
             "APPPOT_JOBFS=hostfs",
             *spec.extra_args,
         ]  # fmt: skip

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import shlex
@@ -45,8 +44,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from apppot import contract, domain, image, store
+from apppot import accel, contract, domain, image, proc, store
 from apppot.errors import ApppotError
+from apppot.knobs import condor_param
 
 FAILURE_MEMORY_MIB = 128
 NOBODY = 65534  # qemu's user for the failure VM when the sandbox belongs to root
@@ -125,50 +125,13 @@ def _get_int(ad: Mapping[str, object], names: tuple[str, ...], default: int, lo:
 # --- node configuration ---------------------------------------------------------------------------
 
 
-def condor_param(name: str) -> str | None:
-    """An HTCondor config knob (the node's bindings), else the environment variable of that name."""
-    value = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import htcondor2
-
-        value = htcondor2.param.get(name)
-    except Exception:  # noqa: BLE001 -- no bindings or no config: the environment decides
-        value = None
-    return value or os.environ.get(name) or None
-
-
-def kvm_usable(cpuinfo: str | None = None, dev: str = "/dev/kvm") -> bool:
-    """Can KVM boot a real kernel here? /dev/kvm must open and the CPU must advertise vmx or svm.
-
-    The flag check matters: a paravirtual nested KVM (e.g. kvm-pvm) offers /dev/kvm without them
-    and runs a BIOS, but dies with "KVM internal error ... emulation failure" in a Linux kernel's
-    decompressor, so the job would fail instead of merely running slower under TCG.
-    """
-    try:
-        os.close(os.open(dev, os.O_RDWR))
-    except OSError:
-        return False
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-    return bool(flags & {"vmx", "svm"})
-
-
 def domain_type(setting: str | None, probe: Callable[[], bool] | None = None) -> str:
     setting = (setting or "auto").strip().lower()
     if setting in ("kvm", "qemu"):
         return setting
     if setting != "auto":
         raise ApppotError(f"APPPOT_VM_DOMAIN_TYPE = {setting}: expected auto, kvm or qemu")
-    return "kvm" if (probe or kvm_usable)() else "qemu"
+    return "kvm" if (probe or (lambda: accel.kvm_probe()[0]))() else "qemu"
 
 
 # --- the sandbox, seen as the job's user ------------------------------------------------------------
@@ -278,41 +241,7 @@ def prepare_sandbox(ad: Mapping[str, object], sandbox: Path, uid: int, gid: int)
         return {"error": message}
 
 
-def run_as_user(uid: int, gid: int, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """fn() in a child process with the job user's uid/gid (and no supplementary groups); its result
-    comes back as JSON. Root's rights never touch a path the job controls."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop privileges for good, then work
-        code = 0
-        try:
-            os.close(r)
-            if os.geteuid() == 0:
-                os.setgroups([])
-                os.setresgid(gid, gid, gid)
-                os.setresuid(uid, uid, uid)
-            data = json.dumps(fn()).encode()
-            with os.fdopen(w, "wb") as out:
-                out.write(data)
-        except BaseException:  # noqa: BLE001 -- the parent reports a child without an answer
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    try:
-        return dict(json.loads(data))
-    except ValueError:
-        return {"error": "internal error in apppot_libvirt_xml: its unprivileged helper gave no answer"}
-
-
 # --- the domain -----------------------------------------------------------------------------------
-
-
-def kernel_cmdline(root_device: str, extra: list[str]) -> str:
-    return " ".join(["console=ttyS0", f"root=/dev/{root_device}", "rw", "APPPOT_JOBFS=9p", "quiet", "panic=-1", *extra])
 
 
 def _interface(ad: Mapping[str, object]) -> tuple[str, str, str | None] | None:
@@ -339,7 +268,7 @@ def generate(ad_text: str) -> str:
     if uid == 0:
         result = {"error": "the job's scratch directory belongs to root; apppot does not run VM jobs as root"}
     else:
-        result = run_as_user(uid, gid, lambda: prepare_sandbox(ad, sandbox, uid, gid))
+        result = proc.run_as_user(uid, gid, lambda: prepare_sandbox(ad, sandbox, uid, gid))
     if "error" in result:
         if not node_kernel:
             raise ApppotError(f"cannot give the job a VM that reports its failure ({result['error']}): "
@@ -358,7 +287,7 @@ def generate(ad_text: str) -> str:
         memory_mib=_get_int(ad, ("JobVMMemory", "RequestMemory"), 256, 16, 1 << 20),
         vcpus=_get_int(ad, ("JobVM_VCPUS", "RequestCpus"), 1, 1, 256),
         kernel=Path(kernel) if kernel else None, initrd=Path(initrd) if initrd else None,
-        cmdline=kernel_cmdline(disks[0].target, result["extra"]), disks=disks,
+        cmdline=domain.kernel_cmdline(disks[0].target, result["extra"]), disks=disks,
         share_dir=sandbox, share_mode="mapped", interface=_interface(ad), vnc=_get(ad, "JobVMVNCConsole") is True,
     )  # fmt: skip
     return domain.domain_xml(dom)

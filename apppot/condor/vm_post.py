@@ -26,14 +26,13 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import urllib.parse
-import warnings
 from pathlib import Path
 
-from apppot import contract
+from apppot import contract, proc
 from apppot.errors import ApppotError
+from apppot.knobs import condor_param
 from apppot.job import ExitCode as _ExitCode
 
 NO_STATUS = _ExitCode.NO_STATUS
@@ -70,15 +69,7 @@ def remove_regular(dir_fd: int, name: str) -> None:
 
 
 def chirp_binary() -> str | None:
-    libexec = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import htcondor2
-
-        libexec = htcondor2.param.get("LIBEXEC")
-    except Exception:  # noqa: BLE001 -- no bindings or no config: try the usual places
-        libexec = None
+    libexec = condor_param("LIBEXEC")
     for cand in filter(None, [libexec and os.path.join(libexec, "condor_chirp"), "/usr/libexec/condor/condor_chirp",
                               shutil.which("condor_chirp")]):  # fmt: skip
         if os.access(cand, os.X_OK):
@@ -93,9 +84,12 @@ def set_job_attrs(attrs: dict[str, object]) -> str | None:
         return "condor_chirp not found"
     for name, value in attrs.items():
         expr = json.dumps(value) if isinstance(value, str) else str(value)
-        proc = subprocess.run([chirp, "set_job_attr", name, expr], capture_output=True, text=True, timeout=60, check=False)
-        if proc.returncode != 0:
-            return (f"condor_chirp set_job_attr {name} failed ({proc.returncode}): {proc.stderr.strip()} "
+        try:
+            rc, out = proc.run([chirp, "set_job_attr", name, expr], timeout_s=60)
+        except ApppotError as e:
+            return e.message
+        if rc != 0:
+            return (f"condor_chirp set_job_attr {name} failed ({rc}): {out.strip()} "
                     "(does the job have +WantIOProxy = true?)")  # fmt: skip
     return None
 

@@ -18,50 +18,25 @@ Usage (as root on the node, or anywhere, then copy):  python3 -m apppot.condor.v
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-def download_kernel_deb(workdir: Path, package: str = "linux-image-amd64") -> Path:
-    """`apt-get download` the kernel package the metapackage PACKAGE depends on; return the .deb."""
-    deps = subprocess.run(["apt-cache", "depends", package], capture_output=True, text=True, check=True).stdout
-    real = next((line.split()[-1] for line in deps.splitlines()
-                 if line.strip().startswith("Depends: linux-image-")), package)  # fmt: skip
-    subprocess.run(["apt-get", "download", "-q", real], cwd=workdir, check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
-    return next(workdir.glob(f"{real}_*.deb"))
-
-
-def build_initrd(dest: Path, moddir: Path) -> None:
-    """The same initramfs `apppot build --debian` puts in its images (guest/apppot-initrd as /init)."""
-    from apppot import build, debian
-
-    tmp = dest.with_suffix(".part")
-    tmp.write_bytes(debian.make_initramfs(moddir, build.find_static_busybox()))
-    os.replace(tmp, dest)
-
 
 def build_boot_kit(outdir: Path, *, deb: Path | None = None) -> tuple[Path, Path]:
     """Write OUTDIR/vmlinuz and OUTDIR/initrd.img (skipped if both exist); return their paths."""
+    from apppot import build, debian, image
+
     kernel, initrd = outdir / "vmlinuz", outdir / "initrd.img"
     if kernel.exists() and initrd.exists():
         return kernel, initrd
     outdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="apppot-vmboot-") as tmp:
         work = Path(tmp)
-        os.chmod(work, 0o755)  # apt-get download runs as _apt
-        deb = deb or download_kernel_deb(work)
-        subprocess.run(["dpkg-deb", "-x", os.fspath(deb), os.fspath(work / "x")], check=True)
-        vmlinuz = next((work / "x/boot").glob("vmlinuz-*"))
-        moddir = next((work / "x/lib/modules").iterdir())
-        build_initrd(initrd, moddir)
-        shutil.copyfile(vmlinuz, kernel.with_suffix(".part"))
-        os.replace(kernel.with_suffix(".part"), kernel)
-    for p in (kernel, initrd):
-        os.chmod(p, 0o644)
+        vmlinuz, moddir, _ = debian.unpack_kernel(deb or debian.download_kernel_deb(work), work)
+        # the same initramfs `apppot build --debian` puts in its images (guest/apppot-initrd as /init)
+        image.write_atomically(initrd, debian.make_initramfs(moddir, build.find_static_busybox()))
+        image.write_atomically(kernel, vmlinuz.read_bytes())
     return kernel, initrd
 
 

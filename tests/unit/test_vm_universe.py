@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from apppot import image
+from apppot import accel, image
 from apppot.condor import libvirt_xml, vm_post
 from apppot.submit import build_submit, condor_arguments
 from tests.conftest import REPO
@@ -241,9 +241,9 @@ def test_node_without_kernel_is_a_node_error(node) -> None:
 def test_kvm_probe_needs_vmx_or_svm(tmp_path: Path) -> None:
     dev = tmp_path / "kvm"
     dev.write_bytes(b"")
-    assert libvirt_xml.kvm_usable("flags\t: fpu sse2 vmx\n", os.fspath(dev))
-    assert not libvirt_xml.kvm_usable("flags\t: fpu sse2 hypervisor\n", os.fspath(dev))  # e.g. kvm-pvm
-    assert not libvirt_xml.kvm_usable("flags\t: vmx\n", os.fspath(tmp_path / "missing"))
+    assert accel.kvm_offered("flags\t: fpu sse2 vmx\n", os.fspath(dev))[0]
+    assert not accel.kvm_offered("flags\t: fpu sse2 hypervisor\n", os.fspath(dev))[0]  # e.g. kvm-pvm
+    assert not accel.kvm_offered("flags\t: vmx\n", os.fspath(tmp_path / "missing"))[0]
     assert libvirt_xml.domain_type("kvm", lambda: False) == "kvm"
     assert libvirt_xml.domain_type("auto", lambda: True) == "kvm"
     assert libvirt_xml.domain_type("auto", lambda: False) == "qemu"

@@ -168,11 +168,11 @@ def debian_image() -> Path:
 def vm_boot_kit(debian_image: Path) -> Iterator[tuple[Path, Path]]:
     """The Debian image's kernel + initramfs (taken out with debugfs, cached by image digest) as the
     default for images that carry none: one kernel boots the tiny and the Debian image alike."""
-    from apppot.backends import qemu
+    from apppot import bootfiles
     from apppot.job import Disk
 
     with tempfile.TemporaryDirectory() as scratch:  # used only if no cache directory is writable
-        boot = qemu.find_boot_files(Disk(debian_image, "raw", None, "qcow2", True), kernel=None, initrd=None,
+        boot = bootfiles.find_boot_files(Disk(debian_image, "raw", None, "qcow2", True), kernel=None, initrd=None,
                                     rundir=Path(scratch))  # fmt: skip
     assert boot.initrd is not None
     saved = {k: os.environ.get(k) for k in ("APPPOT_VM_KERNEL", "APPPOT_VM_INITRD")}

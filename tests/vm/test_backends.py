@@ -10,8 +10,10 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from apppot import accel
 from apppot.backends import libvirt as lv
 from apppot.backends import qemu
+from apppot.bootfiles import BootFiles
 from apppot.job import BackendKind, Disk, JobSpec
 from tests.vm.conftest import REPO, apppot, vm_processes
 
@@ -22,9 +24,9 @@ def spec_for(tmp_path: Path, backend: str) -> JobSpec:
 
 
 def test_qemu_plan(tmp_path):
-    b = qemu.QemuBackend(qemu=Path("/usr/bin/qemu-system-x86_64"), accel="tcg")
-    b.boot = qemu.BootFiles(Path("/k/vmlinux"), Path("/k/initrd.img"), "test")
-    argv = b.plan(spec_for(tmp_path, "qemu"), tmp_path).argv
+    b = qemu.QemuBackend(qemu=Path("/usr/bin/qemu-system-x86_64"))
+    boot = qemu.QemuBoot(BootFiles(Path("/k/vmlinux"), Path("/k/initrd.img"), "test"), "tcg")
+    argv = b.plan(spec_for(tmp_path, "qemu"), tmp_path, boot).argv
     assert argv[argv.index("-machine") + 1] == "q35,accel=tcg"
     assert "-no-reboot" in argv and "panic=-1" in argv[argv.index("-append") + 1]
     assert f"local,id=job,path={tmp_path},security_model=none" in argv
@@ -32,8 +34,8 @@ def test_qemu_plan(tmp_path):
 
 
 def test_libvirt_domain_xml(tmp_path):
-    boot = qemu.BootFiles(Path("/k/vmlinux"), Path("/k/initrd.img"), "test")
-    xml = lv.domain_xml(spec_for(tmp_path, "libvirt"), tmp_path, boot=boot, domain_type="qemu", emulator=None)
+    boot = qemu.QemuBoot(BootFiles(Path("/k/vmlinux"), Path("/k/initrd.img"), "test"), "tcg")
+    xml = lv.domain_xml(spec_for(tmp_path, "libvirt"), tmp_path, boot=boot, emulator=None)
     d = ET.fromstring(xml)
     assert d.get("type") == "qemu" and d.find("features/acpi") is not None
     assert d.find("devices/disk/backingStore/format").get("type") == "raw"
@@ -43,9 +45,9 @@ def test_libvirt_domain_xml(tmp_path):
 
 
 def test_kvm_probe_is_cached_and_explains_itself():
-    ok, why = qemu.kvm_probe()
+    ok, why = accel.kvm_probe()
     assert isinstance(ok, bool) and why
-    assert qemu.kvm_probe() == (ok, why)
+    assert accel.kvm_probe() == (ok, why)
 
 
 def test_check_lists_every_backend(job_dir, libvirtd):

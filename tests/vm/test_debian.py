@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 from apppot import debian
-from apppot.backends import qemu
+from apppot import bootfiles
 from tests.vm.conftest import apppot
 
 
@@ -30,7 +30,7 @@ def test_image_layout(debian_image):
 
 def test_initramfs_has_the_modules_in_dependency_order(debian_image, tmp_path):
     initrd = tmp_path / "initrd.img"
-    assert qemu.debugfs_dump(debian_image, "/boot/apppot/initrd.img", initrd)
+    assert bootfiles.debugfs_dump(debian_image, "/boot/apppot/initrd.img", initrd)
     names = [n.decode() for n in re.findall(rb"modules/([\w-]+)\.ko\0", initrd.read_bytes())]
     assert len(names) == 16, names
     for first, then in (("virtio", "virtio_pci"), ("jbd2", "ext4"), ("9pnet", "9pnet_virtio"), ("netfs", "9p")):
@@ -40,9 +40,9 @@ def test_initramfs_has_the_modules_in_dependency_order(debian_image, tmp_path):
 def test_kernel_is_booted_through_pvh(debian_image, tmp_path):
     """The XZ bzImage is unpacked on the host: TCG never runs the decompressor."""
     k = tmp_path / "vmlinuz"
-    assert qemu.debugfs_dump(debian_image, "/boot/apppot/vmlinuz", k)
-    elf = qemu.pvh_kernel(k.read_bytes())
-    assert elf[:4] == b"\x7fELF" and qemu._has_pvh_note(elf)
+    assert bootfiles.debugfs_dump(debian_image, "/boot/apppot/vmlinuz", k)
+    elf = bootfiles.pvh_kernel(k.read_bytes())
+    assert elf[:4] == b"\x7fELF" and bootfiles._has_pvh_note(elf)
 
 
 def test_same_image_runs_dpkg_everywhere(backend, debian_image, job_dir):
