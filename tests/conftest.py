@@ -14,6 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "plugins" / "apppot_plugin"
+PREALLOCATED = 19264  # what HTCondor pre-allocates for the plugin's outfile: (16*1204)/64 * 64 bytes of spaces
+JOB_UID = 4343  # the job's user that runs the plugin in run_plugin's `unprivileged` cases
 
 
 def as_user(uid: int, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -70,3 +72,34 @@ def images(plugin_env: dict[str, str]) -> Path:
             f.write(os.urandom(4096))
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, d / "qbase.qcow2"], check=True)
     return d
+
+
+def run_plugin(env: dict[str, str], sandbox: Path, urls: Sequence[tuple[str, str]], *, upload: bool = False,
+               unprivileged: bool = False, infile_text: str | None = None) -> tuple[int, list[dict], str]:  # fmt: skip
+    """Run the plugin as HTCondor's starter does: write the infile, pre-allocate the outfile, run
+    `apppot_plugin -infile IN -outfile OUT` in the sandbox; return (exit code, result ads, stderr).
+
+    `unprivileged` runs it as JOB_UID, the owner of the sandbox and the in/outfile, without root's power
+    to override file permissions, like a job user's plugin on an execute node (the sandbox must be
+    reachable by that user: under open_tmp, not tmp_path). Not root: we are unprivileged already."""
+    import classad2
+
+    sandbox.mkdir(exist_ok=True)
+    infile, outfile = sandbox / ".apppot_plugin.in", sandbox / ".apppot_plugin.out"
+    if infile_text is None:
+        infile_text = "".join(f'[ Url = "{u}"; LocalFileName = "{sandbox / n}" ]' for u, n in urls)
+    if not infile.exists() or infile.read_text() != infile_text:
+        infile.write_text(infile_text)
+    if not outfile.exists():
+        outfile.write_bytes(b" " * PREALLOCATED)
+    argv: list[str] = [os.fspath(PLUGIN), "-infile", os.fspath(infile), "-outfile", os.fspath(outfile)]
+    if unprivileged and os.geteuid() == 0:
+        for p in (infile, outfile, sandbox):
+            if p.stat().st_uid == 0:  # a sandbox the test gave to someone else stays theirs
+                os.chown(p, JOB_UID, JOB_UID)
+        argv = as_user(JOB_UID, argv)
+    res = subprocess.run(argv + (["-upload"] if upload else []), env=env, cwd=sandbox, capture_output=True,
+                         text=True)  # fmt: skip
+    text = outfile.read_text()
+    assert not text.endswith(" " * 64), "the pre-allocated tail was not dropped"
+    return res.returncode, [dict(ad) for ad in classad2.parseAds(text)], res.stderr

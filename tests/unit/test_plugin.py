@@ -13,38 +13,9 @@ import classad2
 import pytest
 
 from apppot import plugin
-from tests.conftest import PLUGIN, as_user
+from tests.conftest import PLUGIN, PREALLOCATED, run_plugin
 
-PREALLOCATED = 19264  # what HTCondor pre-allocates: (16*1204)/64 * 64 bytes of spaces
 OTHER_UID = 4242  # owns files that the plugin, run without privileges, must not be able to use
-JOB_UID = 4343  # the job's user that runs the plugin in the `unprivileged` cases
-
-
-def run_plugin(env, sandbox: Path, urls, *, upload=False, unprivileged=False, infile_text=None):
-    """Write the infile, pre-allocate the outfile, run the plugin; return (exit code, result ads, stderr).
-
-    `unprivileged` runs it as JOB_UID, the owner of the sandbox and the in/outfile, without root's power
-    to override file permissions, like a job user's plugin on an execute node (the sandbox must be
-    reachable by that user: under open_tmp, not tmp_path)."""
-    sandbox.mkdir(exist_ok=True)
-    infile, outfile = sandbox / ".apppot_plugin.in", sandbox / ".apppot_plugin.out"
-    if infile_text is None:
-        infile_text = "".join(f'[ Url = "{u}"; LocalFileName = "{sandbox / n}" ]' for u, n in urls)
-    if not infile.exists() or infile.read_text() != infile_text:
-        infile.write_text(infile_text)
-    if not outfile.exists():
-        outfile.write_bytes(b" " * PREALLOCATED)
-    argv = [os.fspath(PLUGIN), "-infile", os.fspath(infile), "-outfile", os.fspath(outfile)]
-    if unprivileged and os.geteuid() == 0:  # (not root: unprivileged already)
-        for p in (infile, outfile, sandbox):
-            if p.stat().st_uid == 0:  # a sandbox the test gave to someone else stays theirs
-                os.chown(p, JOB_UID, JOB_UID)
-        argv = as_user(JOB_UID, argv)
-    res = subprocess.run(argv + (["-upload"] if upload else []), env=env, cwd=sandbox, capture_output=True,
-                         text=True)  # fmt: skip
-    text = outfile.read_text()
-    assert not text.endswith(" " * 64), "the pre-allocated tail was not dropped"
-    return res.returncode, [dict(ad) for ad in classad2.parseAds(text)], res.stderr
 
 
 def sha(p: Path) -> str:
