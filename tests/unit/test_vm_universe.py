@@ -224,15 +224,6 @@ def test_symlinked_control_dir_is_refused_and_replaced(node) -> None:
     assert not (node["scratch"] / ".apppot").is_symlink()
 
 
-@pytest.mark.skipif(not ROOT, reason="only root can give the sandbox to root")  # the unit tier runs both ways
-def test_root_owned_sandbox_never_runs_qemu_as_root(node) -> None:
-    os.chown(node["scratch"], 0, 0)
-    rc, xml, err = run_script(node)
-    assert rc == 0, err
-    dom = ET.fromstring(xml)
-    assert dom.findtext("seclabel/label") == "+65534:+65534" and dom.find("devices/disk") is None
-
-
 def test_node_without_kernel_is_a_node_error(node) -> None:
     rc, _, err = run_script(node, env={"APPPOT_VM_KERNEL": ""}, AppPotCommand="\"'\"")
     assert rc == 1 and "APPPOT_VM_KERNEL is not set" in err
