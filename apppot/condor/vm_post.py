@@ -41,24 +41,29 @@ NO_STATUS = _ExitCode.NO_STATUS
 
 def staged_layers(job_ad_path: str | None) -> list[str]:
     """Names of the files the apppot:// plugin staged in the sandbox (one per apppot:// URL in
-    TransferInput: HTCondor names it after the URL's last path component, without the query)."""
+    TransferInput: HTCondor names it after the URL's last path component, without the query).
+    Nothing when the job ad cannot be read: then no file is removed."""
     if not job_ad_path:
         return []
     try:
         text = Path(job_ad_path).read_text()
-    except OSError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import classad2
+
+        ad = classad2.parseOne(text, classad2.ParserType.Old)  # the starter writes the old (line) form
+        transfer_input = ad.get("TransferInput")
+    except (OSError, UnicodeDecodeError, ImportError, ValueError):
+        return []
+    if not isinstance(transfer_input, str):
         return []
     names = []
-    for line in text.splitlines():
-        key, _, value = line.partition("=")
-        if key.strip().lower() != "transferinput":
-            continue
-        for item in value.strip().strip('"').split(","):
-            url = urllib.parse.urlsplit(item.strip())
-            if url.scheme == "apppot":
-                name = (url.path or url.netloc).rstrip("/").rpartition("/")[2] or url.netloc
-                if name and name not in (".", ".."):
-                    names.append(name)
+    for item in transfer_input.split(","):
+        url = urllib.parse.urlsplit(item.strip())
+        if url.scheme == "apppot":
+            name = (url.path or url.netloc).rstrip("/").rpartition("/")[2] or url.netloc
+            if name and name not in (".", ".."):
+                names.append(name)
     return names
 
 

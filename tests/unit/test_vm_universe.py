@@ -309,6 +309,14 @@ def test_staged_layers_are_the_apppot_urls(tmp_path: Path) -> None:
                   'apppot://../../etc,http://x/y"\n')  # fmt: skip
     assert vm_post.staged_layers(os.fspath(ad)) == ["tiny", "deb.img", "etc"]
     assert vm_post.staged_layers(None) == []
+    # the whole job ad as the starter writes it (old syntax, any case), with look-alikes around
+    ad.write_text('MyType = "Job"\nTransferInputSizeMB = 1\nArguments = "TransferInput = apppot://x"\n'
+                  'transferinput = "apppot://tiny,data.txt"\nEnvironment = "A=apppot://y"\n')  # fmt: skip
+    assert vm_post.staged_layers(os.fspath(ad)) == ["tiny"]
+    ad.write_text('MyType = "Job"\n')  # no input files at all
+    assert vm_post.staged_layers(os.fspath(ad)) == []
+    ad.write_text("TransferInput = [[[\n")  # not a ClassAd: remove nothing
+    assert vm_post.staged_layers(os.fspath(ad)) == []
 
 
 # --- submit descriptions ------------------------------------------------------------------------
