@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -102,4 +102,51 @@ def run_plugin(env: dict[str, str], sandbox: Path, urls: Sequence[tuple[str, str
                          text=True)  # fmt: skip
     text = outfile.read_text()
     assert not text.endswith(" " * 64), "the pre-allocated tail was not dropped"
-    return res.returncode, [dict(ad) for ad in classad2.parseAds(text)], res.stderr
+    ads = [dict(ad) for ad in classad2.parseAds(text)]
+    for ad in ads:
+        assert_v4_result(ad)
+    return res.returncode, ads, res.stderr
+
+
+# What HTCondor's starter keeps of a plugin's result ad and of each TransferErrorData entry, with their
+# types (anything else is dropped: src/condor_starter.V6.1/filter.cpp, filterPluginResults and
+# filterTransferErrorData; Retryable since 25.4, HTCONDOR-3064). Names ignore case.
+RESULT_ATTRS = {"transfersuccess": bool, "transfererror": str, "transferprotocol": str, "transfertype": str,
+                "transferfilename": str, "transferfilebytes": int, "transfertotalbytes": int,
+                "transferstarttime": int, "transferendtime": int, "connectiontimeseconds": float,
+                "transferurl": str, "transfererrordata": list, "developerdata": Mapping, "transferdata": list}  # fmt: skip
+ERROR_ATTRS = {"intermediateservererrortype": str, "intermediateserver": str, "errortype": str,
+               "pluginversion": str, "pluginlaunched": bool, "failedname": str, "failuretype": str,
+               "failedserver": str, "shouldrefresh": bool, "errorcode": int, "errorstring": str, "retryable": int,
+               "developerdata": Mapping}  # fmt: skip
+# docs/apis/file-transfer-plugins/transfer_error_data.rst: "Each attribute in a stanza must be included."
+# (A Transfer failure's FailureType is one of TooSlow, NoSpace, TimedOut, Quota: none fits a write that
+# failed for another reason, so there it may be missing.)
+ERROR_STANZAS = {"Parameter": {"pluginversion", "pluginlaunched"}, "Resolution": {"failedname", "failuretype"},
+                 "Contact": {"failedserver"}, "Authorization": {"failedserver", "failuretype", "shouldrefresh"},
+                 "Specification": {"failedserver"}, "Transfer": {"failedserver"}}  # fmt: skip
+
+
+def assert_v4_result(ad: dict) -> None:  # (nested ads are classad2.ClassAd, a Mapping)
+    """A result ad as protocol version 4 specifies it (docs/apis/file-transfer-plugins/index.rst): the
+    required attributes, TransferError on failure, and TransferErrorData always ("mandatory in version
+    4"): empty on success, on failure at least one entry with ErrorCode, ErrorString and one complete
+    ErrorType stanza. Every attribute is one HTCondor keeps, with the type it keeps."""
+    lower = {k.lower(): v for k, v in ad.items()}
+    for name, value in lower.items():
+        assert name in RESULT_ATTRS and _is_a(value, RESULT_ATTRS[name]), (name, value, ad)
+    assert {"transferfilename", "transferurl", "transfersuccess", "transfererrordata"} <= lower.keys(), ad
+    if lower["transfersuccess"]:
+        assert lower["transfererrordata"] == [], ad
+        return
+    assert lower.get("transfererror") and lower["transfererrordata"], ad
+    for entry in lower["transfererrordata"]:
+        err = {k.lower(): v for k, v in dict(entry).items()}
+        for name, value in err.items():
+            assert name in ERROR_ATTRS and _is_a(value, ERROR_ATTRS[name]), (name, value, entry)
+        assert isinstance(err.get("errorcode"), int) and isinstance(err.get("errorstring"), str), entry
+        assert ERROR_STANZAS[err["errortype"]] <= err.keys(), entry
+
+
+def _is_a(value: object, kind: type) -> bool:
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # ClassAd: true is no 1

@@ -52,7 +52,7 @@ def test_overlay_is_valid_reads_base_and_protects_it(plugin_env, images, tmp_pat
     rc, ads, _ = run_plugin(plugin_env, sb, [(url, "disk.qcow2")])
     assert rc == 0
     (ad,) = ads
-    assert ad["TransferSuccess"] is True
+    assert ad["TransferSuccess"] is True and ad["TransferErrorData"] == []  # protocol 4: always there
     assert ad["TransferUrl"] == url and ad["TransferFileName"] == os.fspath(sb / "disk.qcow2")
     assert ad["TransferProtocol"] == "apppot" and ad["TransferType"] == "download"
     assert ad["TransferTotalBytes"] > 0 and ad["TransferEndTime"] >= ad["TransferStartTime"]
