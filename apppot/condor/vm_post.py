@@ -91,13 +91,24 @@ def chirp_binary() -> str | None:
     return None
 
 
+def classad_literal(text: str) -> str:
+    """TEXT as a ClassAd string literal (JSON's \\uXXXX escapes are not ClassAd's: non-ASCII broke)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import classad2
+    except ImportError:  # ", \\ and control characters escape alike in both; UTF-8 stays as it is
+        return json.dumps(text, ensure_ascii=False)
+    return str(classad2.quote(text))
+
+
 def set_job_attrs(attrs: dict[str, object]) -> str | None:
     """condor_chirp set_job_attr for each; returns an error text, or None."""
     chirp = chirp_binary()
     if chirp is None:
         return "condor_chirp not found"
     for name, value in attrs.items():
-        expr = json.dumps(value) if isinstance(value, str) else str(value)
+        expr = classad_literal(value) if isinstance(value, str) else str(value)
         proc = subprocess.run([chirp, "set_job_attr", name, expr], capture_output=True, text=True, timeout=60, check=False)
         if proc.returncode != 0:
             return (f"condor_chirp set_job_attr {name} failed ({proc.returncode}): {proc.stderr.strip()} "

@@ -303,6 +303,20 @@ def test_vm_post_reports_a_refused_job(finished: Path, monkeypatch) -> None:
     assert chirped == {"AppPotExitCode": 125, "AppPotExitMessage": "AppPotCommand cannot be split into words"}
 
 
+def test_job_attributes_reach_condor_chirp_as_classad_literals(tmp_path: Path, monkeypatch) -> None:
+    import classad2
+
+    chirp = tmp_path / "condor_chirp"
+    chirp.write_text(f'#!/bin/sh\nprintf "%s\\0%s\\0" "$2" "$3" >> {tmp_path}/calls\n')
+    chirp.chmod(0o755)
+    monkeypatch.setattr(vm_post, "chirp_binary", lambda: os.fspath(chirp))
+    message = 'base image "naïve café.img" \\ not found\tat all'
+    assert vm_post.set_job_attrs({"AppPotExitCode": 125, "AppPotExitMessage": message}) is None
+    name1, expr1, name2, expr2, _ = (tmp_path / "calls").read_text().split("\0")
+    assert (name1, classad2.ExprTree(expr1).eval()) == ("AppPotExitCode", 125)
+    assert (name2, classad2.ExprTree(expr2).eval()) == ("AppPotExitMessage", message)
+
+
 def test_staged_layers_are_the_apppot_urls(tmp_path: Path) -> None:
     ad = tmp_path / ".job.ad"
     ad.write_text('TransferInput = "apppot://tiny?format=uml, in.txt,apppot:///var/lib/apppot/images/deb.img?sha256=00,'
