@@ -174,7 +174,7 @@ def test_bad_apppot_input_is_held_with_our_reason(apppot_pool):
                                       job_dir=pool.job_dir("held"))  # fmt: skip
     ad = pool.submit_and_wait(desc, timeout=60, hold_ok=True)
     try:
-        assert ad["JobStatus"] == 5, dict(ad)
+        assert ad["JobStatus"] == pool.htcondor.JobStatus.HELD, dict(ad)
         reason = ad["HoldReason"]
         assert "no image named 'no-such-image'" in reason, reason
         assert "images here: " in reason and IMAGE in reason, reason  # our hint travels with it
