@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import os
 import re
+import socket
 import sys
 import time
 import urllib.parse
@@ -144,7 +145,7 @@ def stage(req: Request) -> dict[str, Any]:
             error_type="Resolution" if missing else "Authorization" if unreadable else "Specification",
             code=errno.ENOENT if missing else errno.EACCES if unreadable else errno.EINVAL,
             **({"FailedName": target.ref, "FailureType": "Definitive"} if missing else {}),
-            **({"FailureType": "Authorization"} if unreadable else {}),
+            **({"FailureType": "Authorization", "ShouldRefresh": False} if unreadable else {}),
         ) from None  # fmt: skip
     if base.format not in ("raw", "qcow2"):
         raise TransferFailure(f"base image {base_path} is in {base.format} format, which apppot cannot use",
@@ -167,12 +168,12 @@ def stage(req: Request) -> dict[str, Any]:
     except ApppotError as e:
         raise TransferFailure(e.message, hint=e.hint, error_type="Specification", code=errno.EINVAL) from None
     except OSError as e:
-        no_space = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        no_space = {errno.ENOSPC: "NoSpace", errno.EDQUOT: "Quota"}.get(e.errno or 0)
         raise TransferFailure(
             f"cannot write {dest}: {os.strerror(e.errno or 0)}",
             error_type="Transfer", code=e.errno or errno.EIO,
             hint="the execute node's scratch disk is full" if no_space else "check the job's scratch directory",
-            **({"FailureType": "NoSpace"} if no_space else {}),
+            **({"FailureType": no_space} if no_space else {}),  # (none of its values fits other errors)
         ) from None  # fmt: skip
     return {"TransferTotalBytes": nbytes, "TransferFileBytes": nbytes,
             "DeveloperData": {"BaseImage": os.fspath(base_path), "BaseFormat": base.format,
@@ -194,7 +195,7 @@ def transfer(req: Request, *, upload: bool) -> dict[str, Any]:
                 hint="send outputs elsewhere: remove apppot:// from output_destination / transfer_output_remaps",
             )  # fmt: skip
         ad.update(stage(req))
-        ad["TransferSuccess"] = True
+        ad.update(TransferSuccess=True, TransferErrorData=[])  # protocol 4: always there; no error, no entry
     except TransferFailure as e:
         ad.update(TransferSuccess=False, TransferTotalBytes=0, TransferError=str(e),
                   TransferErrorData=[error_data(e)])  # fmt: skip
@@ -208,9 +209,15 @@ def transfer(req: Request, *, upload: bool) -> dict[str, Any]:
 
 
 def error_data(e: TransferFailure) -> dict[str, Any]:
+    """One TransferErrorData entry: ErrorCode, ErrorString and the ErrorType's stanza (HTCondor's
+    docs/apis/file-transfer-plugins/transfer_error_data.rst). The "server" that failed is this node's
+    image store. Retryable -1: the same request fails the same way on this node (HTCondor >= 25.4
+    reads it; older starters drop it)."""
     data: dict[str, Any] = {"ErrorType": e.error_type, "ErrorCode": e.code, "ErrorString": str(e), "Retryable": -1}
     if e.error_type == "Parameter":
         data.update(PluginVersion=__version__, PluginLaunched=True)
+    elif e.error_type in ("Contact", "Authorization", "Specification", "Transfer"):
+        data["FailedServer"] = socket.gethostname()
     data.update(e.extra)
     return data
 

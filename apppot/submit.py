@@ -11,12 +11,13 @@ AppPotExitCode and the file apppot.status (the VM universe's own ExitCode is alw
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,7 @@ LAUNCHER = "$$(APPPOT_LAUNCHER)"
 VM_POST = "$$(APPPOT_VM_POST)"
 UML_OVERHEAD_MIB = 64  # the UML kernel process itself, on top of the guest RAM file in /dev/shm
 
-# JobStatus values
-IDLE, RUNNING, REMOVED, COMPLETED, HELD, TRANSFERRING_OUTPUT, SUSPENDED = 1, 2, 3, 4, 5, 6, 7
-HOLD_SPOOLING_INPUT = 16
+HOLD_SPOOLING_INPUT = 16  # HoldReasonCode of a spooled job while its input is on the way
 
 
 def _bindings() -> tuple[Any, Any]:
@@ -137,31 +136,103 @@ class JobResult:
     @property
     def exit_code(self) -> int | None:
         """The guest command's exit status: ExitCode (vanilla) or AppPotExitCode (VM universe)."""
-        if self.status != COMPLETED:
+        if self.status != _job_status().COMPLETED:
             return None
         key = "AppPotExitCode" if self.universe == "vm" else "ExitCode"
         value = self.ad.get(key)
         return int(value) if isinstance(value, int) else None
 
     def describe(self) -> str:
-        name = {COMPLETED: "completed", HELD: "held", REMOVED: "removed"}.get(self.status, f"status {self.status}")
+        js = _job_status()
+        name = {js.COMPLETED: "completed", js.HELD: "held", js.REMOVED: "removed"}.get(self.status, f"status {self.status}")
         text = f"job {self.cluster}.0 {name}"
-        if self.status == COMPLETED:
+        if self.status == js.COMPLETED:
             code = self.exit_code
             text += f": exit code {code if code is not None else 'unknown'}"
             if self.universe == "vm":
                 text += " (AppPotExitCode; the VM universe's own ExitCode is always 0)"
-        elif self.status == HELD:
+        elif self.status == js.HELD:
             text += f": {self.ad.get('HoldReason')}"
-        elif self.status == REMOVED:
+        elif self.status == js.REMOVED:
             text += f": {self.ad.get('RemoveReason')}"
         return text
 
 
+def _job_status() -> Any:
+    return _bindings()[0].JobStatus
+
+
 def wait_for(schedd: Any, htcondor2: Any, cluster: int, *, universe: str, job_dir: Path, timeout_s: float,
              spool: bool, progress: bool = True) -> JobResult:  # fmt: skip
-    constraint = f"ClusterId == {cluster}"
+    """Wait until job CLUSTER.0 completed, was held or removed. It is followed through its event log
+    (the `log` of the submit description), as HTCondor's own test fixtures do, rather than by asking
+    the schedd over and over; the final ad (ExitCode ...) comes from the queue or the history."""
     deadline = time.monotonic() + timeout_s
+    if spool:  # the event log of a spooled job is in the schedd's spool until the output is retrieved
+        return _wait_spooled(schedd, htcondor2, cluster, universe=universe, job_dir=job_dir, deadline=deadline,
+                             timeout_s=timeout_s, progress=progress)  # fmt: skip
+    constraint = f"ClusterId == {cluster}"
+    ads = schedd.query(constraint=constraint, projection=["UserLog"])
+    log = ads[0].get("UserLog") if ads else None
+    if not log:
+        raise ApppotError(f"job {cluster}.0 has no event log (`log` in its submit description) to wait on")
+    et, js = htcondor2.JobEventType, htcondor2.JobStatus
+    names = {et.SUBMIT: "idle", et.EXECUTE: "running", et.JOB_EVICTED: "idle", et.JOB_RELEASED: "idle"}
+    for event in job_events(htcondor2, job_dir / log, cluster, deadline):  # (UserLog is absolute)
+        name = names.get(event.type)
+        if event.type == et.FILE_TRANSFER and event.get("Type") == htcondor2.FileTransferEventType.OUT_STARTED:
+            name = "transferring output"
+        if progress and name:
+            print(f"apppot submit: job {cluster}.0 {name}", file=sys.stderr, flush=True)
+        if event.type == et.JOB_HELD:  # still in the queue, with the reason; the event has it too
+            queued = schedd.query(constraint=constraint)
+            held = queued[0] if queued and queued[0].get("JobStatus") == js.HELD else {
+                "JobStatus": int(js.HELD), "HoldReason": event.get("HoldReason"),
+                "HoldReasonCode": event.get("HoldReasonCode"), "HoldReasonSubCode": event.get("HoldReasonSubCode")}
+            return JobResult(cluster, held, universe, job_dir)
+        if event.type in (et.JOB_TERMINATED, et.JOB_ABORTED):
+            ad = final_ad(schedd, htcondor2, cluster, deadline)
+            if ad is not None:
+                return JobResult(cluster, ad, universe, job_dir)
+            break
+    raise ApppotError(f"job {cluster}.0 did not finish within {timeout_s:g} s (still in the queue)",
+                      hint=f"condor_q {cluster}; condor_rm {cluster} to give up")  # fmt: skip
+
+
+def job_events(htcondor2: Any, log: Path, cluster: int, deadline: float) -> Iterator[Any]:
+    """The events of CLUSTER in the event log LOG, as they are written, until the deadline."""
+    while not log.exists():  # the schedd writes the submit event as it commits the job
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+    jel = htcondor2.JobEventLog(os.fspath(log))
+    while (remaining := deadline - time.monotonic()) > 0:
+        for event in jel.events(stop_after=math.ceil(remaining)):  # waits for the next event, at most this long
+            if event.cluster == cluster:
+                yield event
+            if time.monotonic() > deadline:
+                return
+
+
+def final_ad(schedd: Any, htcondor2: Any, cluster: int, deadline: float) -> Any | None:
+    """The ad of a job that ended (its event is written): in the queue once it says so, or in the history."""
+    constraint, js = f"ClusterId == {cluster}", htcondor2.JobStatus
+    while True:
+        ads = schedd.query(constraint=constraint)
+        if ads and ads[0].get("JobStatus") in (js.COMPLETED, js.REMOVED):
+            return ads[0]
+        if not ads:
+            hist = list(schedd.history(constraint, [], 1))
+            if hist:
+                return hist[0]
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.25)  # the shadow has written the event; the schedd's record follows within moments
+
+
+def _wait_spooled(schedd: Any, htcondor2: Any, cluster: int, *, universe: str, job_dir: Path, deadline: float,
+                  timeout_s: float, progress: bool) -> JobResult:  # fmt: skip
+    constraint, js = f"ClusterId == {cluster}", htcondor2.JobStatus
     last_status = None
     while True:
         ads = schedd.query(constraint=constraint)
@@ -169,13 +240,13 @@ def wait_for(schedd: Any, htcondor2: Any, cluster: int, *, universe: str, job_di
             ad = ads[0]
             st = ad.get("JobStatus")
             if st != last_status and progress:
-                names = {IDLE: "idle", RUNNING: "running", TRANSFERRING_OUTPUT: "transferring output"}
+                names = {js.IDLE: "idle", js.RUNNING: "running", js.TRANSFERRING_OUTPUT: "transferring output"}
                 if st in names:
                     print(f"apppot submit: job {cluster}.0 {names[st]}", file=sys.stderr, flush=True)
                 last_status = st
-            if st == HELD and not (spool and ad.get("HoldReasonCode") == HOLD_SPOOLING_INPUT):
+            if st == js.HELD and ad.get("HoldReasonCode") != HOLD_SPOOLING_INPUT:
                 return JobResult(cluster, ad, universe, job_dir)
-            if st == COMPLETED and spool:
+            if st == js.COMPLETED:
                 schedd.retrieve(constraint)
                 schedd.act(htcondor2.JobAction.Remove, constraint, "apppot submit: output retrieved")
                 return JobResult(cluster, ad, universe, job_dir)
@@ -255,9 +326,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     res = wait_for(schedd, htcondor2, cluster, universe=args.universe, job_dir=job_dir, timeout_s=args.timeout,
                    spool=args.spool)  # fmt: skip
     print(f"apppot submit: {res.describe()}")
-    if res.status == HELD:
+    if res.status == htcondor2.JobStatus.HELD:
         schedd.act(htcondor2.JobAction.Remove, f"ClusterId == {cluster}", "apppot submit: job was held")
-    if res.status == COMPLETED:
+    if res.status == htcondor2.JobStatus.COMPLETED:
         outs = (["apppot.out", "apppot.err", "apppot.status"] if args.universe == "vm"
                 else [f"apppot.{cluster}.0.out", f"apppot.{cluster}.0.err"])  # fmt: skip
         print(f"apppot submit: outputs in {job_dir} ({', '.join(outs)}, and the files the command wrote)")

@@ -28,6 +28,7 @@ import shutil
 import stat
 import sys
 import urllib.parse
+import warnings
 from pathlib import Path
 
 from apppot import contract, proc
@@ -40,24 +41,29 @@ NO_STATUS = _ExitCode.NO_STATUS
 
 def staged_layers(job_ad_path: str | None) -> list[str]:
     """Names of the files the apppot:// plugin staged in the sandbox (one per apppot:// URL in
-    TransferInput: HTCondor names it after the URL's last path component, without the query)."""
+    TransferInput: HTCondor names it after the URL's last path component, without the query).
+    Nothing when the job ad cannot be read: then no file is removed."""
     if not job_ad_path:
         return []
     try:
         text = Path(job_ad_path).read_text()
-    except OSError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import classad2
+
+        ad = classad2.parseOne(text, classad2.ParserType.Old)  # the starter writes the old (line) form
+        transfer_input = ad.get("TransferInput")
+    except (OSError, UnicodeDecodeError, ImportError, ValueError):
+        return []
+    if not isinstance(transfer_input, str):
         return []
     names = []
-    for line in text.splitlines():
-        key, _, value = line.partition("=")
-        if key.strip().lower() != "transferinput":
-            continue
-        for item in value.strip().strip('"').split(","):
-            url = urllib.parse.urlsplit(item.strip())
-            if url.scheme == "apppot":
-                name = (url.path or url.netloc).rstrip("/").rpartition("/")[2] or url.netloc
-                if name and name not in (".", ".."):
-                    names.append(name)
+    for item in transfer_input.split(","):
+        url = urllib.parse.urlsplit(item.strip())
+        if url.scheme == "apppot":
+            name = (url.path or url.netloc).rstrip("/").rpartition("/")[2] or url.netloc
+            if name and name not in (".", ".."):
+                names.append(name)
     return names
 
 
@@ -77,13 +83,24 @@ def chirp_binary() -> str | None:
     return None
 
 
+def classad_literal(text: str) -> str:
+    """TEXT as a ClassAd string literal (JSON's \\uXXXX escapes are not ClassAd's: non-ASCII broke)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import classad2
+    except ImportError:  # ", \\ and control characters escape alike in both; UTF-8 stays as it is
+        return json.dumps(text, ensure_ascii=False)
+    return str(classad2.quote(text))
+
+
 def set_job_attrs(attrs: dict[str, object]) -> str | None:
     """condor_chirp set_job_attr for each; returns an error text, or None."""
     chirp = chirp_binary()
     if chirp is None:
         return "condor_chirp not found"
     for name, value in attrs.items():
-        expr = json.dumps(value) if isinstance(value, str) else str(value)
+        expr = classad_literal(value) if isinstance(value, str) else str(value)
         try:
             rc, out = proc.run([chirp, "set_job_attr", name, expr], timeout_s=60)
         except ApppotError as e:

@@ -32,8 +32,6 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 UP_TIMEOUT = 600  # a fresh root (debootstrap + apt) takes ~1.5 min; leave room for slow mirrors
 
-# JobStatus values
-IDLE, RUNNING, REMOVED, COMPLETED, HELD, TRANSFERRING_OUTPUT, SUSPENDED = 1, 2, 3, 4, 5, 6, 7
 HOLD_SPOOLING_INPUT = 16  # HoldReasonCode while a spooled job waits for its input
 
 
@@ -160,7 +158,60 @@ class Pool:
         """Wait until every job of CLUSTER is done; return the (last) final job ad.
 
         Fails at once if a job is held (with its HoldReason) unless hold_ok, or removed, and
-        after `timeout` seconds (the job is removed then)."""
+        after `timeout` seconds (the job is removed then). The jobs are followed through their
+        event log (the submit description's `log`), as ornithology does; a spooled job's log is
+        in the schedd's spool until its output is retrieved, so those are followed in the queue."""
+        from apppot.submit import final_ad, job_events
+
+        if spool:
+            return self._wait_spooled(cluster, timeout=timeout, hold_ok=hold_ok)
+        constraint = f"ClusterId == {cluster}"
+        deadline = time.monotonic() + timeout
+        et = self.htcondor.JobEventType
+        ads = self.schedd.query(constraint=constraint, projection=["ProcId", "UserLog"])
+        if not ads:  # done already (or never there)
+            return self._from_history(cluster, deadline)
+        if not ads[0].get("UserLog"):
+            self._remove(constraint, "no event log (test failed)")
+            pytest.fail(f"job {cluster} has no event log: give its submit description a `log`")
+        procs, done = {ad["ProcId"] for ad in ads}, set()
+        for event in job_events(self.htcondor, pathlib.Path(ads[0]["UserLog"]), cluster, deadline):
+            if event.type == et.JOB_HELD:
+                held = self.schedd.query(constraint=f"{constraint} && ProcId == {event.proc}")
+                if hold_ok:
+                    return held[0] if held else {"ClusterId": cluster, "JobStatus": self.htcondor.JobStatus.HELD,
+                                                 **dict(event)}  # fmt: skip
+                self._remove(constraint, "held job (test failed)")
+                pytest.fail(f"job {cluster}.{event.proc} held: {event.get('HoldReason')} "
+                            f"(HoldReasonCode={event.get('HoldReasonCode')}, "
+                            f"HoldReasonSubCode={event.get('HoldReasonSubCode')}); {self.logs_hint()}")
+            if event.type == et.JOB_ABORTED:
+                pytest.fail(f"job {cluster}.{event.proc} was removed: {event.get('Reason')}")
+            if event.type == et.JOB_TERMINATED:
+                done.add(event.proc)
+                if done >= procs:
+                    ad = final_ad(self.schedd, self.htcondor, cluster, deadline)
+                    if ad is not None:
+                        return ad
+                    break
+        last = (self.schedd.query(constraint=constraint) or [None])[-1]
+        self._remove(constraint, "timeout (test failed)")
+        desc = "no ad" if last is None else (
+            f"JobStatus={last.get('JobStatus')} HoldReason={last.get('HoldReason')} "
+            f"LastRejMatchReason={last.get('LastRejMatchReason')}")
+        pytest.fail(f"job {cluster} not done after {timeout}s ({desc}); {self.logs_hint()}")
+
+    def _from_history(self, cluster: int, deadline: float):
+        while not (hist := list(self.schedd.history(f"ClusterId == {cluster}", [], 1))):
+            if time.monotonic() > deadline:
+                pytest.fail(f"job {cluster} is neither in the queue nor in the history")
+            time.sleep(0.25)
+        if hist[0].get("JobStatus") == self.htcondor.JobStatus.REMOVED:
+            pytest.fail(f"job {cluster} was removed: {hist[0].get('RemoveReason')}")
+        return hist[0]
+
+    def _wait_spooled(self, cluster: int, *, timeout: float, hold_ok: bool):
+        js = self.htcondor.JobStatus
         constraint = f"ClusterId == {cluster}"
         deadline = time.monotonic() + timeout
         last = None
@@ -171,29 +222,21 @@ class Pool:
                 statuses = {ad.get("JobStatus") for ad in ads}
                 for ad in ads:
                     st = ad.get("JobStatus")
-                    if st == HELD and not (spool and ad.get("HoldReasonCode") == HOLD_SPOOLING_INPUT):
+                    if st == js.HELD and ad.get("HoldReasonCode") != HOLD_SPOOLING_INPUT:
                         if hold_ok:
                             return ad
                         self._remove(constraint, "held job (test failed)")
                         pytest.fail(f"job {cluster}.{ad.get('ProcId')} held: {ad.get('HoldReason')} "
                                     f"(HoldReasonCode={ad.get('HoldReasonCode')}, "
                                     f"HoldReasonSubCode={ad.get('HoldReasonSubCode')}); {self.logs_hint()}")
-                    if st == REMOVED:
+                    if st == js.REMOVED:
                         pytest.fail(f"job {cluster}.{ad.get('ProcId')} was removed: {ad.get('RemoveReason')}")
-                if statuses == {COMPLETED}:
-                    if spool:
-                        self.schedd.retrieve(constraint)
-                        self._remove(constraint, "output retrieved")
+                if statuses == {js.COMPLETED}:
+                    self.schedd.retrieve(constraint)
+                    self._remove(constraint, "output retrieved")
                     return last
             else:
-                hist = list(self.schedd.history(constraint, [], 1))
-                if hist:
-                    ad = hist[0]
-                    if ad.get("JobStatus") == REMOVED:
-                        pytest.fail(f"job {cluster} was removed: {ad.get('RemoveReason')}")
-                    return ad
-                if time.monotonic() > deadline:
-                    pytest.fail(f"job {cluster} is neither in the queue nor in the history")
+                return self._from_history(cluster, deadline)
             if time.monotonic() > deadline:
                 self._remove(constraint, "timeout (test failed)")
                 desc = "no ad" if last is None else (

@@ -173,7 +173,7 @@ def final_ad(pool, cluster: int, timeout: float):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ads = pool.schedd.query(constraint=f"ClusterId == {cluster}")
-        if ads and ads[0].get("JobStatus") == 5:
+        if ads and ads[0].get("JobStatus") == pool.htcondor.JobStatus.HELD:
             return ads[0]
         if not ads:
             hist = list(pool.schedd.history(f"ClusterId == {cluster}", [], 1))
@@ -203,11 +203,11 @@ def test_attack(pool, node, attacks, name):
     ad, d = attacks[name]
     expect = attack_jobs(pool, node)[name]
     if "held" in expect:
-        assert ad["JobStatus"] == 5, (name, dict(ad))
+        assert ad["JobStatus"] == pool.htcondor.JobStatus.HELD, (name, dict(ad))
         assert expect["held"] in ad["HoldReason"], ad["HoldReason"]
         assert ad.get("AppPotExitCode") == 125
     else:
-        assert ad["JobStatus"] == 4, (name, ad.get("HoldReason"), dict(ad))
+        assert ad["JobStatus"] == pool.htcondor.JobStatus.COMPLETED, (name, ad.get("HoldReason"), dict(ad))
         assert ad.get("AppPotExitCode") == expect["exit"], (name, ad.get("AppPotExitMessage"))
     # what the sandbox held right after the VM stopped: nothing root-owned, setuid or a device
     rows = listing(d, "sandbox-before-post.lst")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from apppot import build
+from apppot import build, debian
 from apppot.errors import ApppotError
 from tests.conftest import REPO
 
@@ -41,3 +41,22 @@ def test_every_guest_file_is_package_data() -> None:
     assert shipped == {p.name for p in (REPO / "apppot" / "guest").iterdir() if p.name != "__init__.py"}
     with pytest.raises(ApppotError, match="guest file no-such-file is missing"):
         build.read_guest_file("no-such-file")
+
+
+def test_cpio_is_newc(tmp_path: Path) -> None:
+    """What debian.cpio_newc writes, busybox cpio (as the kernel's initramfs reader, an independent
+    one) extracts: names, directories, contents and modes, sizes that need padding included."""
+    entries = [("bin", 0o40755, b""), ("bin/tool", 0o100755, b"#!/bin/sh\n"), ("a", 0o100644, b"xyz"),
+               ("data", 0o40700, b""), ("data/empty", 0o100600, b"")]  # fmt: skip
+    archive = tmp_path / "archive.cpio"
+    archive.write_bytes(debian.cpio_newc(entries))
+    out = tmp_path / "out"
+    out.mkdir()
+    listing = subprocess.run(["busybox", "cpio", "-i", "-d", "-v", "-F", archive], cwd=out, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+    assert sorted(listing.stdout.split()) == sorted(name for name, _, _ in entries), listing.stdout
+    for name, mode, data in entries:
+        st = (out / name).lstat()
+        assert st.st_mode == mode, (name, oct(st.st_mode))
+        if not mode & 0o40000:
+            assert (out / name).read_bytes() == data, name

@@ -224,15 +224,6 @@ def test_symlinked_control_dir_is_refused_and_replaced(node) -> None:
     assert not (node["scratch"] / ".apppot").is_symlink()
 
 
-@pytest.mark.skipif(not ROOT, reason="only root can give the sandbox to root")  # the unit tier runs both ways
-def test_root_owned_sandbox_never_runs_qemu_as_root(node) -> None:
-    os.chown(node["scratch"], 0, 0)
-    rc, xml, err = run_script(node)
-    assert rc == 0, err
-    dom = ET.fromstring(xml)
-    assert dom.findtext("seclabel/label") == "+65534:+65534" and dom.find("devices/disk") is None
-
-
 def test_node_without_kernel_is_a_node_error(node) -> None:
     rc, _, err = run_script(node, env={"APPPOT_VM_KERNEL": ""}, AppPotCommand="\"'\"")
     assert rc == 1 and "APPPOT_VM_KERNEL is not set" in err
@@ -312,12 +303,34 @@ def test_vm_post_reports_a_refused_job(finished: Path, monkeypatch) -> None:
     assert chirped == {"AppPotExitCode": 125, "AppPotExitMessage": "AppPotCommand cannot be split into words"}
 
 
+def test_job_attributes_reach_condor_chirp_as_classad_literals(tmp_path: Path, monkeypatch) -> None:
+    import classad2
+
+    chirp = tmp_path / "condor_chirp"
+    chirp.write_text(f'#!/bin/sh\nprintf "%s\\0%s\\0" "$2" "$3" >> {tmp_path}/calls\n')
+    chirp.chmod(0o755)
+    monkeypatch.setattr(vm_post, "chirp_binary", lambda: os.fspath(chirp))
+    message = 'base image "naïve café.img" \\ not found\tat all'
+    assert vm_post.set_job_attrs({"AppPotExitCode": 125, "AppPotExitMessage": message}) is None
+    name1, expr1, name2, expr2, _ = (tmp_path / "calls").read_text().split("\0")
+    assert (name1, classad2.ExprTree(expr1).eval()) == ("AppPotExitCode", 125)
+    assert (name2, classad2.ExprTree(expr2).eval()) == ("AppPotExitMessage", message)
+
+
 def test_staged_layers_are_the_apppot_urls(tmp_path: Path) -> None:
     ad = tmp_path / ".job.ad"
     ad.write_text('TransferInput = "apppot://tiny?format=uml, in.txt,apppot:///var/lib/apppot/images/deb.img?sha256=00,'
                   'apppot://../../etc,http://x/y"\n')  # fmt: skip
     assert vm_post.staged_layers(os.fspath(ad)) == ["tiny", "deb.img", "etc"]
     assert vm_post.staged_layers(None) == []
+    # the whole job ad as the starter writes it (old syntax, any case), with look-alikes around
+    ad.write_text('MyType = "Job"\nTransferInputSizeMB = 1\nArguments = "TransferInput = apppot://x"\n'
+                  'transferinput = "apppot://tiny,data.txt"\nEnvironment = "A=apppot://y"\n')  # fmt: skip
+    assert vm_post.staged_layers(os.fspath(ad)) == ["tiny"]
+    ad.write_text('MyType = "Job"\n')  # no input files at all
+    assert vm_post.staged_layers(os.fspath(ad)) == []
+    ad.write_text("TransferInput = [[[\n")  # not a ClassAd: remove nothing
+    assert vm_post.staged_layers(os.fspath(ad)) == []
 
 
 # --- submit descriptions ------------------------------------------------------------------------

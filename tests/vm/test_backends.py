@@ -1,59 +1,27 @@
-"""qemu and libvirt specifics: the launch plan, the domain XML, cleanup when apppot itself dies."""
+"""qemu and libvirt on a real host: `apppot check`, cleanup when apppot itself dies, a plugin-staged overlay.
+(Their launch plan and domain XML: tests/unit/test_backends.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from apppot import accel
-from apppot.backends import libvirt as lv
-from apppot.backends import qemu
-from apppot.bootfiles import BootFiles
-from apppot.job import BackendKind, Disk, JobSpec
+from tests.conftest import run_plugin
 from tests.vm.conftest import REPO, apppot, vm_processes
 
 
-def spec_for(tmp_path: Path, backend: str) -> JobSpec:
-    disk = Disk(Path("/images/base.img"), "raw", tmp_path / "root.qcow2", "qcow2", True)
-    return JobSpec(disk=disk, job_dir=tmp_path, command=("true",), backend=BackendKind(backend), vm_id="t1")
-
-
-def test_qemu_plan(tmp_path):
-    b = qemu.QemuBackend(qemu=Path("/usr/bin/qemu-system-x86_64"))
-    boot = qemu.QemuBoot(BootFiles(Path("/k/vmlinux"), Path("/k/initrd.img"), "test"), "tcg")
-    argv = b.plan(spec_for(tmp_path, "qemu"), tmp_path, boot).argv
-    assert argv[argv.index("-machine") + 1] == "q35,accel=tcg"
-    assert "-no-reboot" in argv and "panic=-1" in argv[argv.index("-append") + 1]
-    assert f"local,id=job,path={tmp_path},security_model=none" in argv
-    assert any(a.startswith("file=") and "format=qcow2" in a for a in argv)  # never the raw base itself
-
-
-def test_libvirt_domain_xml(tmp_path):
-    boot = qemu.QemuBoot(BootFiles(Path("/k/vmlinux"), Path("/k/initrd.img"), "test"), "tcg")
-    xml = lv.domain_xml(spec_for(tmp_path, "libvirt"), tmp_path, boot=boot, emulator=None)
-    d = ET.fromstring(xml)
-    assert d.get("type") == "qemu" and d.find("features/acpi") is not None
-    assert d.find("devices/disk/backingStore/format").get("type") == "raw"
-    assert d.find("devices/filesystem/target").get("dir") == "job"
-    assert d.find("seclabel").get("relabel") == "no"  # libvirt must not chown the base
-    assert {d.find(e).text for e in ("on_poweroff", "on_reboot", "on_crash")} == {"destroy"}
-
-
-def test_kvm_probe_is_cached_and_explains_itself():
-    ok, why = accel.kvm_probe()
-    assert isinstance(ok, bool) and why
-    assert accel.kvm_probe() == (ok, why)
-
-
-def test_check_lists_every_backend(job_dir, libvirtd):
+def test_check_lists_every_backend(job_dir, libvirtd, vm_boot_kit):
+    """`apppot check` names each backend and, on this host (where every VM test runs), says ok for each."""
     res = apppot("check", cwd=job_dir)
     lines = res.stdout.splitlines()
     assert [ln.split()[0] for ln in lines] == ["uml", "qemu", "libvirt"], res.stdout
+    assert [ln.split(None, 1)[1] for ln in lines] == ["ok"] * 3, res.stdout
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_sigkill_of_the_libvirt_launcher_leaves_no_vm(tiny_image, vm_boot_kit, job_dir, libvirtd):
@@ -85,9 +53,15 @@ def _cmdline(proc_dir: str) -> str:
         return ""
 
 
-def test_plugin_staged_qcow2_overlay_runs_under_qemu(tiny_image, vm_boot_kit, job_dir):
+def test_plugin_staged_qcow2_overlay_runs_under_qemu(tiny_image, vm_boot_kit, job_dir, plugin_env):
+    """The overlay the apppot:// plugin writes (run as HTCondor's starter runs it) boots under qemu."""
+    env = {**plugin_env, "APPPOT_IMAGE_PATH": os.fspath(tiny_image.parent)}
+    rc, ads, err = run_plugin(env, job_dir, [(f"apppot://{tiny_image.stem}", "disk.qcow2")])
+    assert rc == 0 and ads[0]["TransferSuccess"] is True, (ads, err)
     overlay = job_dir / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", tiny_image, overlay], check=True)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", overlay], capture_output=True, text=True,
+                                     check=True).stdout)  # fmt: skip
+    assert info["format"] == "qcow2" and info["backing-filename"] == os.fspath(tiny_image), info
     res = apppot("run", "--backend", "qemu", "--image", overlay, "--", "sh", "-c", "echo kept > /root/x", cwd=job_dir)
     assert res.returncode == 0, res.stderr
     res = apppot("run", "--backend", "qemu", "--image", overlay, "--", "sh", "-c", "cat /root/x || echo absent",

@@ -10,9 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from apppot import job, kernel, run
 from apppot.backends.uml import UmlBackend
 from tests.vm.conftest import vm_processes
+
+pytestmark = pytest.mark.soak  # minutes of boots: `make test` runs it, `make test-unit` and `-m "not soak"` do not
 
 BOOTS = int(os.environ.get("APPPOT_SOAK_BOOTS", "300"))
 DEADLINE_S = 10.0  # a healthy boot+job+poweroff takes ~0.2-0.5 s; a livelocked one never ends
