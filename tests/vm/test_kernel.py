@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import re
-import subprocess
 
-from apppot import kernel
+from apppot import kernel, proc
 
 
 def test_calibration_reads_the_kernels_own_measurement(monkeypatch) -> None:
     k = kernel.find_uml_kernel(notice=False)
     assert k != kernel.PACKAGED, "apppot's kernel is not installed: `make uml-kernel`"
     outputs = []
-    real_run = subprocess.run
+    real_run = proc.run
 
     def recording_run(*args, **kwargs):
-        res = real_run(*args, **kwargs)
-        outputs.append(res.stdout + res.stderr)
-        return res
+        rc, out = real_run(*args, **kwargs)
+        outputs.append(out)
+        return rc, out
 
-    monkeypatch.setattr(kernel.subprocess, "run", recording_run)
+    monkeypatch.setattr(proc, "run", recording_run)
     lpj = kernel.calibrate_lpj(k, boots=1)  # one reading: nothing to disagree with on a busy host
-    (printed,) = [int(v) for out in outputs for v in re.findall(rb"BogoMIPS \(lpj=([0-9]+)\)", out)]
+    (printed,) = [int(v) for out in outputs for v in re.findall(r"BogoMIPS \(lpj=([0-9]+)\)", out)]
     assert lpj == printed and 10**5 < printed < 10**9, outputs
