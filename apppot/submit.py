@@ -16,13 +16,13 @@ import os
 import shlex
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from apppot import options
 from apppot.errors import ApppotError
+from apppot.knobs import bindings
 
 # Paths on the execute point, as its slot ad advertises them (50-apppot.conf, 60-apppot-vm.conf): the
 # schedd fills in $$(...) from the matched slot, so any PREFIX the node's admin chose works.
@@ -31,20 +31,6 @@ VM_POST = "$$(APPPOT_VM_POST)"
 UML_OVERHEAD_MIB = 64  # the UML kernel process itself, on top of the guest RAM file in /dev/shm
 
 HOLD_SPOOLING_INPUT = 16  # HoldReasonCode of a spooled job while its input is on the way
-
-
-def _bindings() -> tuple[Any, Any]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import classad2
-            import htcondor2
-    except ImportError:
-        raise ApppotError(
-            "HTCondor's Python bindings (htcondor2) are not installed",
-            hint="pip install htcondor, or apt-get install python3-htcondor",
-        ) from None
-    return htcondor2, classad2
 
 
 def condor_arguments(argv: Sequence[str]) -> str:
@@ -62,7 +48,7 @@ def build_submit(*, image: str, command: Sequence[str], universe: str, memory_mi
                  inputs: Sequence[str], changes: str | None, job_dir: Path, launcher: str = LAUNCHER,
                  walltime_s: float | None = None) -> dict[str, str]:  # fmt: skip
     """The submit description (what the templates say, for these options)."""
-    _, classad2 = _bindings()
+    _, classad2 = bindings()
     if "/" in image or "?" in image or not image:
         raise ApppotError(f"--image {image!r}: give the NAME of an image the execute points hold",
                           hint="condor_status -af AppPotImages lists them")  # fmt: skip
@@ -159,7 +145,7 @@ class JobResult:
 
 
 def _job_status() -> Any:
-    return _bindings()[0].JobStatus
+    return bindings()[0].JobStatus
 
 
 def wait_for(schedd: Any, htcondor2: Any, cluster: int, *, universe: str, job_dir: Path, timeout_s: float,
@@ -261,7 +247,7 @@ def _wait_spooled(schedd: Any, htcondor2: Any, cluster: int, *, universe: str, j
 
 
 def submit_job(desc: dict[str, str], *, spool: bool = False) -> tuple[Any, Any, int]:
-    htcondor2, _ = _bindings()
+    htcondor2, _ = bindings()
     if spool:
         desc = {**desc, "leave_in_queue": "JobStatus == 4 && (StageOutFinish =?= undefined || StageOutFinish == 0)"}
     schedd = htcondor2.Schedd()

@@ -39,14 +39,13 @@ import re
 import shlex
 import stat
 import sys
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from apppot import accel, contract, domain, image, proc, store
 from apppot.errors import ApppotError
-from apppot.knobs import condor_param
+from apppot.knobs import bindings, condor_param
 
 FAILURE_MEMORY_MIB = 128
 NOBODY = 65534  # qemu's user for the failure VM when the sandbox belongs to root
@@ -60,42 +59,16 @@ class JobError(ApppotError):
 
 
 def parse_job_ad(text: str) -> dict[str, object]:
-    """The old-format ad the vm-gahp writes, as a dict of Python values (classad2 when available)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import classad2
-
-        ad = classad2.parseOne(text, classad2.ParserType.Old)
-        out: dict[str, object] = {}
-        for key in ad.keys():  # noqa: SIM118 -- a ClassAd, not a dict
-            try:
-                out[key] = ad.eval(key)
-            except Exception:  # noqa: BLE001 -- an attribute that does not evaluate
-                out[key] = None
-        return {k: (None if type(v).__name__ == "Value" else v) for k, v in out.items()}
-    except ImportError:
-        return _parse_old_ad_plain(text)
-
-
-def _parse_old_ad_plain(text: str) -> dict[str, object]:
-    """Fallback without classad2: literals only (strings, numbers, booleans)."""
+    """The old-format ad the vm-gahp writes, as a dict of Python values (None where one does not evaluate)."""
+    classad2 = bindings()[1]  # no bindings on a VM-universe node: the node's problem (exit 1)
+    ad = classad2.parseOne(text, classad2.ParserType.Old)
     out: dict[str, object] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
-            continue
-        v = value.strip()
-        if v.startswith('"') and v.endswith('"') and len(v) >= 2:
-            out[key.strip()] = re.sub(r"\\(.)", r"\1", v[1:-1])
-        elif v.lower() in ("true", "false"):
-            out[key.strip()] = v.lower() == "true"
-        else:
-            try:
-                out[key.strip()] = int(v)
-            except ValueError:
-                out[key.strip()] = None
-    return out
+    for key in ad.keys():  # noqa: SIM118 -- a ClassAd, not a dict
+        try:
+            out[key] = ad.eval(key)
+        except Exception:  # noqa: BLE001 -- an attribute that does not evaluate
+            out[key] = None
+    return {k: (None if type(v).__name__ == "Value" else v) for k, v in out.items()}
 
 
 def _get(ad: Mapping[str, object], name: str, default: object = None) -> object:

@@ -22,18 +22,16 @@ It always exits 0: a PostCmd's status does not become the job's ExitCode anyway.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import stat
 import sys
 import urllib.parse
-import warnings
 from pathlib import Path
 
 from apppot import contract, proc
 from apppot.errors import ApppotError
-from apppot.knobs import condor_param
+from apppot.knobs import bindings, condor_param
 from apppot.job import ExitCode as _ExitCode
 
 NO_STATUS = _ExitCode.NO_STATUS
@@ -47,13 +45,10 @@ def staged_layers(job_ad_path: str | None) -> list[str]:
         return []
     try:
         text = Path(job_ad_path).read_text()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import classad2
-
+        classad2 = bindings()[1]
         ad = classad2.parseOne(text, classad2.ParserType.Old)  # the starter writes the old (line) form
         transfer_input = ad.get("TransferInput")
-    except (OSError, UnicodeDecodeError, ImportError, ValueError):
+    except (OSError, UnicodeDecodeError, ApppotError, ValueError):
         return []
     if not isinstance(transfer_input, str):
         return []
@@ -85,13 +80,7 @@ def chirp_binary() -> str | None:
 
 def classad_literal(text: str) -> str:
     """TEXT as a ClassAd string literal (JSON's \\uXXXX escapes are not ClassAd's: non-ASCII broke)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import classad2
-    except ImportError:  # ", \\ and control characters escape alike in both; UTF-8 stays as it is
-        return json.dumps(text, ensure_ascii=False)
-    return str(classad2.quote(text))
+    return str(bindings()[1].quote(text))
 
 
 def set_job_attrs(attrs: dict[str, object]) -> str | None:
