@@ -11,21 +11,20 @@ request to OUT, in order, even after failures; the legacy form `plugin URL DEST`
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import errno
 import os
-import re
-import socket
 import sys
 import time
-import urllib.parse
-from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any
 
-from apppot import __version__, image, store
+from apppot import __version__, store
 from apppot.errors import ApppotError, NotFoundError, UnreadableError
+
+# HTCondor runs the plugin twice per job (-classad, then the transfer): every import is paid on every
+# job. Loaded at module level is only what -classad needs; classad2 and apppot.image load for a
+# transfer, argparse for --help and usage errors (bench/staging.py, tests/unit/test_plugin.py).
+if False:  # for type checkers only: typing costs start-up time and nothing here needs it at run time
+    from collections.abc import Iterable, Sequence
+    from typing import Any
 
 SCHEME = "apppot"
 PROTOCOL_VERSION = 4  # HTCondor 23.x and later; v2 input (no non-file ads) is read the same way
@@ -59,20 +58,28 @@ class TransferFailure(ApppotError):
         self.extra = extra
 
 
-@dataclasses.dataclass(frozen=True)
 class Request:
-    url: str
-    local_file: str
+    """One request ad: a URL and the sandbox file to write for it."""
+
+    __slots__ = ("url", "local_file")
+
+    def __init__(self, url: str, local_file: str) -> None:
+        self.url, self.local_file = url, local_file
 
 
-@dataclasses.dataclass(frozen=True)
 class Target:
     """A parsed apppot:// URL."""
 
-    ref: str
-    sha256: str | None = None
-    size: int | None = None
-    format: str = "qcow2"
+    __slots__ = ("ref", "sha256", "size", "format")
+
+    def __init__(self, ref: str, sha256: str | None = None, size: int | None = None, format: str = "qcow2") -> None:
+        self.ref, self.sha256, self.size, self.format = ref, sha256, size, format
+
+
+def image_dirs() -> list[str]:
+    """The node's image directories, from the environment HTCondor gives the plugin when it has them
+    (knobs.condor_param: reading the config would cost more than the rest of the plugin)."""
+    return store.image_dirs(env_first=True)
 
 
 def capabilities() -> dict[str, Any]:
@@ -87,30 +94,34 @@ def capabilities() -> dict[str, Any]:
 
 def startd_attrs() -> dict[str, Any]:
     """Slot-ad attributes: which base images this node holds, so jobs can require them."""
-    names = store.list_images()
+    names = store.list_images(image_dirs())
     return {"StartdAttrs": "HasAppPot,AppPotImages", "HasAppPot": bool(names), "AppPotImages": ",".join(names)}
 
 
 def parse_url(url: str) -> Target:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != SCHEME:
+    # By hand, not urllib.parse (with the `re` it pulls in, a few ms per job): the grammar is
+    # apppot://REF[?K=V&K=V], percent-decoded; a fragment is dropped as urlsplit drops it.
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != SCHEME:
         raise TransferFailure(
             f"URL {url!r} is not an apppot:// URL; this plugin only handles apppot://",
             error_type="Specification", code=errno.EPROTONOSUPPORT,
         )  # fmt: skip
-    ref = parts.netloc + parts.path if parts.netloc else parts.path
-    try:
-        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError:
-        raise _bad_spec(url, f"its query {parts.query!r} is malformed") from None
-    unknown = set(query) - {"sha256", "size", "format"}
+    ref, _, query = rest.partition("#")[0].partition("?")
+    opts: dict[str, str] = {}
+    for pair in query.split("&") if query else ():
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise _bad_spec(url, f"its query {query!r} is malformed")
+        key, value = _unquote(key.replace("+", " ")), _unquote(value.replace("+", " "))
+        if key in opts:
+            raise _bad_spec(url, "an option is given twice")
+        opts[key] = value
+    unknown = set(opts) - {"sha256", "size", "format"}
     if unknown:
         raise _bad_spec(url, f"unknown option(s) {', '.join(sorted(unknown))}; known: sha256, size, format")
-    if any(len(v) > 1 for v in query.values()):
-        raise _bad_spec(url, "an option is given twice")
-    opts = {k: v[0] for k, v in query.items()}
     sha = opts.get("sha256")
-    if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+    if sha is not None and not (len(sha) == 64 and set(sha) <= set("0123456789abcdefABCDEF")):
         raise _bad_spec(url, "sha256 must be 64 hexadecimal digits")
     fmt = opts.get("format", "qcow2")
     if fmt not in ("qcow2", "uml"):
@@ -119,11 +130,21 @@ def parse_url(url: str) -> Target:
     if "size" in opts:
         if fmt == "uml":
             raise _bad_spec(url, "size= only applies to qcow2 overlays; a UML COW file has the base's size")
+        from apppot import image
+
         try:
             size = image.parse_size(opts["size"])
         except ApppotError as e:
             raise _bad_spec(url, str(e)) from None
-    return Target(ref=urllib.parse.unquote(ref), sha256=sha.lower() if sha else None, size=size, format=fmt)
+    return Target(ref=_unquote(ref), sha256=sha.lower() if sha else None, size=size, format=fmt)
+
+
+def _unquote(text: str) -> str:
+    if "%" not in text:
+        return text
+    from urllib.parse import unquote  # only for the rare escaped URL
+
+    return unquote(text)
 
 
 def _bad_spec(url: str, why: str) -> TransferFailure:
@@ -134,10 +155,12 @@ def _bad_spec(url: str, why: str) -> TransferFailure:
 def stage(req: Request) -> dict[str, Any]:
     """Create the copy-on-write layer for one request; the only function here that does I/O."""
     target = parse_url(req.url)
+    from apppot import image
+
     try:
-        base_path = store.resolve(target.ref)
+        base_path = store.resolve(target.ref, image_dirs())
         base = image.probe_image(base_path)
-        store.backing_chain(base_path)  # a qcow2 base must not build on anything outside the image dirs
+        store.backing_chain(base_path, image_dirs())  # a qcow2 base must not build on anything outside the image dirs
     except ApppotError as e:
         missing, unreadable = isinstance(e, NotFoundError), isinstance(e, UnreadableError)
         raise TransferFailure(
@@ -159,6 +182,8 @@ def stage(req: Request) -> dict[str, Any]:
                 error_type="Specification", code=errno.EBADMSG,
                 hint="the node holds a different version of this image: update the pin or require another node",
             )  # fmt: skip
+    from pathlib import Path  # already loaded by apppot.image
+
     dest = Path(req.local_file)
     try:
         if target.format == "uml":
@@ -217,19 +242,25 @@ def error_data(e: TransferFailure) -> dict[str, Any]:
     if e.error_type == "Parameter":
         data.update(PluginVersion=__version__, PluginLaunched=True)
     elif e.error_type in ("Contact", "Authorization", "Specification", "Transfer"):
-        data["FailedServer"] = socket.gethostname()
+        data["FailedServer"] = os.uname().nodename  # = socket.gethostname(), without importing socket
     data.update(e.extra)
     return data
 
 
 # --- ClassAd I/O ------------------------------------------------------------------------------------
-# Reading needs the full ClassAd language (HTCondor's classad2). Writing our own flat values does
-# not, so results are formatted here: a missing or broken binding still yields a readable failure.
+# Requests are read and results written with HTCondor's ClassAd library (classad2: the full language).
+# Only the -classad answer (flat values, printed on every job) and the failure to load classad2 at
+# all are formatted here, so that neither needs the library.
 
 
 def _classad2() -> Any:
-    import classad2
-
+    try:
+        import classad2
+    except ImportError:
+        raise ApppotError(
+            "HTCondor's Python bindings (classad2) are not importable by the plugin's Python",
+            hint="install python3-htcondor on the node, or point the plugin's #! at a Python that has it",
+        ) from None
     return classad2
 
 
@@ -257,14 +288,11 @@ def parse_requests(text: str) -> list[Request]:
     """The request ads of an infile, in order. v4 non-file ads (no URL/LocalFileName) are skipped."""
     if not text.strip():
         raise ApppotError("the plugin's input file is empty")
+    classad2 = _classad2()
     try:
-        classad2 = _classad2()
-    except ImportError:
-        raise ApppotError("HTCondor's Python bindings (classad2) are not importable by the plugin's Python",
-                          hint="install python3-htcondor on the node, or point the plugin's #! at a Python that has it")  # fmt: skip
-    try:
-        ads = list(classad2.parseAds(text))
-    except ValueError as e:
+        parts = split_ads(text)
+        ads = [classad2.ClassAd(p) for p in parts] if parts is not None else list(classad2.parseAds(text))
+    except Exception as e:  # noqa: BLE001 -- classad2 raises ValueError or its own ClassAdException
         raise ApppotError(f"the plugin's input file is not a list of ClassAds ({e})") from None
     requests = []
     for ad in ads:
@@ -279,8 +307,42 @@ def parse_requests(text: str) -> list[Request]:
     return requests
 
 
+def split_ads(text: str) -> list[str] | None:
+    """The top-level `[ ... ]` ads of a new-syntax sequence, as text for classad2.ClassAd() each:
+    classad2.parseAds() imports all of htcondor2 and reads the node's config (~20 ms, on every job),
+    ClassAd(text) does not. Only brackets and string literals are tracked, the rest is classad2's to
+    parse; None for anything else between ads (comments, garbage): then parseAds() takes it all."""
+    ads, depth, start, quote, i = [], 0, 0, "", 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c == "[":
+            start = i if depth == 0 else start
+            depth += 1
+        elif c == "]":
+            depth -= 1
+            if depth < 0:
+                return None
+            if depth == 0:
+                ads.append(text[start : i + 1])
+        elif c == "/" and text[i + 1 : i + 2] in ("/", "*") or depth == 0 and not c.isspace():
+            return None
+        i += 1
+    return ads if depth == 0 and not quote else None
+
+
 def format_results(ads: Iterable[dict[str, Any]]) -> str:
-    return "".join(classad_value(ad) + "\n" for ad in ads)
+    try:
+        classad2 = _classad2()
+    except ApppotError:  # only the "cannot read the input" ad gets here without the library
+        return "".join(classad_value(ad) + "\n" for ad in ads)
+    return "".join(str(classad2.ClassAd(ad)) + "\n" for ad in ads)
 
 
 def write_results(path: str, ads: Iterable[dict[str, Any]]) -> None:
@@ -296,7 +358,44 @@ def write_results(path: str, ads: Iterable[dict[str, Any]]) -> None:
         os.close(fd)
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+USAGE = "usage: apppot_plugin -classad | -infile IN -outfile OUT [-upload] | URL DEST   (see --help)"
+
+
+class Args:
+    """The command line as HTCondor writes it (its fixed forms are parsed by hand: argparse alone
+    costs more start-up time than staging an image; --help builds the argparse description)."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.classad = self.upload = False
+        self.infile: str | None = None
+        self.outfile: str | None = None
+        self.legacy: list[str] = []
+        it = iter(argv)
+        for arg in it:
+            if arg == "-classad":
+                self.classad = True
+            elif arg == "-upload":
+                self.upload = True
+            elif arg == "-diagnostic":
+                pass
+            elif arg in ("-infile", "-outfile"):
+                value = next(it, None)
+                if value is None:
+                    raise UsageError(f"{arg} needs a file name")
+                setattr(self, arg[1:], value)
+            elif arg.startswith("-") and arg != "-":
+                raise UsageError(f"unknown option {arg}")
+            else:
+                self.legacy.append(arg)
+
+
+class UsageError(Exception):
+    pass
+
+
+def help_text() -> str:
+    import argparse
+
     p = argparse.ArgumentParser(
         prog="apppot_plugin",
         description="HTCondor file-transfer plugin for apppot:// URLs. Instead of copying a VM disk "
@@ -311,11 +410,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("-upload", action="store_true", help="upload direction (refused: apppot:// is read-only)")
     p.add_argument("-diagnostic", action="store_true", help="accepted for compatibility; no effect")
     p.add_argument("legacy", nargs="*", metavar="URL DEST", help="legacy single-file form: URL and destination")
-    return p.parse_args(argv)
+    return p.format_help()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "-help") for a in argv):
+        sys.stdout.write(help_text())
+        return 0
+    try:
+        args = Args(argv)
+    except UsageError as e:
+        print(f"apppot_plugin: error: {e}\n{USAGE}", file=sys.stderr)
+        return 2
     if args.classad:
         sys.stdout.write(format_old({**capabilities(), **startd_attrs()}))
         return 0
@@ -333,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     try:
-        requests = parse_requests(Path(args.infile).read_text())
+        with open(args.infile, encoding="utf-8") as f:
+            requests = parse_requests(f.read())
     except (ApppotError, OSError, UnicodeDecodeError) as e:
         msg = f"cannot read the plugin's input file {args.infile}: {e}"
         print(f"apppot_plugin: error: {msg}", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from apppot.errors import ApppotError, NotFoundError
 from apppot.knobs import condor_param
@@ -14,23 +13,36 @@ SUFFIXES = ("", ".img", ".raw", ".qcow2")
 NOT_IMAGES = (".sha256", ".part", ".tmp")
 
 
+if False:  # for type checkers only: pathlib loads where a Path is made (the plugin's -classad needs none)
+    from pathlib import Path
+
+
+def image_dirs(*, env_first: bool = False) -> list[str]:
+    """The image directories (the knob APPPOT_IMAGE_PATH, colon-separated). env_first: see
+    knobs.condor_param (the plugin; root-run scripts read HTCondor's config)."""
+    return [p for p in (condor_param(KNOB, env_first=env_first) or "").split(":") if p.strip()]
+
+
 def image_path() -> list[Path]:
-    """The image directories (the knob APPPOT_IMAGE_PATH, colon-separated)."""
-    return [Path(p) for p in (condor_param(KNOB) or "").split(":") if p.strip()]
+    from pathlib import Path
+
+    return [Path(p) for p in image_dirs()]
 
 
-def _inside(path: Path, dirs: list[Path]) -> bool:
+def _inside(path: str | Path, dirs: list[str] | list[Path]) -> bool:
     real = os.path.realpath(path)
     return any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d) for d in dirs)
 
 
-def resolve(ref: str, dirs: list[Path] | None = None) -> Path:
+def resolve(ref: str, dirs: list[str] | list[Path] | None = None) -> Path:
     """Map an image reference (a NAME, or an absolute path) to a file inside the image directories.
 
     Symlinks are followed, but the final file must still lie inside one of the directories, so a
     job cannot use the plugin to read or reference arbitrary files on the node.
     """
-    dirs = image_path() if dirs is None else dirs
+    from pathlib import Path
+
+    dirs = image_dirs() if dirs is None else dirs
     if not dirs:
         raise ApppotError(
             "this node has no image directories configured",
@@ -49,7 +61,7 @@ def resolve(ref: str, dirs: list[Path] | None = None) -> Path:
     else:
         if not ref:
             raise ApppotError("the URL names no image", hint="write apppot://NAME, e.g. apppot://debian")
-        candidates = [d / (ref + s) for d in dirs for s in SUFFIXES]
+        candidates = [Path(d, ref + s) for d in dirs for s in SUFFIXES]
     for c in candidates:
         if c.is_file() or (c.exists() and not c.is_dir()):
             if not _inside(c, dirs):
@@ -67,7 +79,7 @@ def resolve(ref: str, dirs: list[Path] | None = None) -> Path:
 MAX_CHAIN_DEPTH = 16
 
 
-def backing_chain(top: Path, dirs: list[Path] | None = None, *, confine: bool = True) -> list[tuple[Path, str]]:
+def backing_chain(top: Path, dirs: list[str] | list[Path] | None = None, *, confine: bool = True) -> list[tuple[Path, str]]:
     """The images below `top` that qemu would open, as [(resolved path, format)], nearest first.
 
     The one rule for every backing file, used by the transfer plugin (for a base) and by the VM
@@ -77,7 +89,9 @@ def backing_chain(top: Path, dirs: list[Path] | None = None, *, confine: bool = 
     read as the caller can read it; callers check where `top` itself is. `confine=False` (a user's own
     `apppot run`, with the user's own rights) only resolves the chain.
     """
-    dirs = [] if not confine else image_path() if dirs is None else dirs
+    from pathlib import Path
+
+    dirs = [] if not confine else image_dirs() if dirs is None else dirs
     where = ":".join(map(os.fspath, dirs)) or "none configured"
     from apppot import image  # not at module level: the plugin's -classad path never needs it
 
@@ -115,9 +129,9 @@ def backing_chain(top: Path, dirs: list[Path] | None = None, *, confine: bool = 
         current = real
 
 
-def list_images(dirs: list[Path] | None = None) -> list[str]:
+def list_images(dirs: list[str] | list[Path] | None = None) -> list[str]:
     """Names of the images the node holds, for the slot ad and for error messages."""
-    dirs = image_path() if dirs is None else dirs
+    dirs = image_dirs() if dirs is None else dirs
     names: list[str] = []
     for d in dirs:
         try:

@@ -1,5 +1,6 @@
 """Smoke tests of the personal HTCondor pool itself (scripts/personal-pool + fixtures)."""
 
+import os
 import pathlib
 import time
 
@@ -72,3 +73,22 @@ def test_startd_has_vm_universe(pool):
     ad = _startd_ad(pool, ["HasVM", "VM_Type"], lambda a: a.get("HasVM") is True)
     assert ad["HasVM"] is True
     assert ad.get("VM_Type") == "kvm"
+
+
+def test_startd_hands_the_image_path_to_its_plugins(pool):
+    """50-apppot.conf puts APPPOT_IMAGE_PATH into STARTD_ENVIRONMENT: the startd (and so its starters and
+    the plugin) carries the knob's value, and the plugin needs no HTCondor bindings to read it."""
+    knob = pool.in_pool("condor_config_val", "APPPOT_IMAGE_PATH").stdout.strip()
+    assert knob
+    root = os.path.realpath(pool.root)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if (pathlib.Path(f"/proc/{pid}/comm").read_text().strip() == "condor_startd"
+                    and os.path.realpath(f"/proc/{pid}/root") == root):  # fmt: skip
+                environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                break
+        except OSError:
+            continue
+    else:
+        pytest.fail(f"no condor_startd running in {root}")
+    assert f"APPPOT_IMAGE_PATH={knob}".encode() in environ

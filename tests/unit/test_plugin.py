@@ -231,7 +231,9 @@ def test_outfile_is_never_opened_with_truncation(images, tmp_path, monkeypatch):
     out.write_bytes(b" " * PREALLOCATED)
     plugin.write_results(os.fspath(out), [{"TransferSuccess": True}])
     assert flags and not flags[0] & os.O_TRUNC
-    assert out.read_text() == "[ TransferSuccess = true ]\n"
+    text = out.read_text()
+    assert not text.endswith(" " * 64)  # the pre-allocated tail is gone
+    assert [dict(ad) for ad in classad2.parseAds(text)] == [{"TransferSuccess": True}]
 
 
 def test_legacy_single_file_form(plugin_env, images, tmp_path):
@@ -289,3 +291,64 @@ def test_base_whose_backing_chain_leaves_the_image_dirs_is_refused(plugin_env, i
     assert ads[1]["TransferSuccess"] is True  # a chain that stays inside is fine
     assert sandbox_files(sb) == {"b"}
     assert oct((sb / "b").stat().st_mode & 0o777) == "0o600"  # a running guest's writes are its owner's only
+
+
+def test_plugin_takes_the_image_path_from_the_environment_the_startd_passes(plugin_env, images, tmp_path):
+    """condor_config.d/50-apppot.conf puts APPPOT_IMAGE_PATH into STARTD_ENVIRONMENT, so the plugin needs
+    no bindings to find the images; the environment wins over a config the plugin would have to load."""
+    (images / "envimg").write_bytes(b"\0" * 65536)
+    env = {**plugin_env, "_CONDOR_APPPOT_IMAGE_PATH": "/nonexistent/from/condor"}
+    out = subprocess.run([PLUGIN, "-classad"], env=env, capture_output=True, text=True, check=True).stdout
+    attrs = dict(line.split(" = ", 1) for line in out.splitlines())
+    assert "envimg" in attrs["AppPotImages"].strip('"').split(",")
+    rc, ads, _ = run_plugin(env, tmp_path / "sb", [("apppot://envimg", "d")])
+    assert rc == 0 and ads[0]["DeveloperData"]["BaseImage"] == os.fspath(images / "envimg")
+
+
+def _modules_loaded_by(argv: list[str], env: dict[str, str]) -> set[str]:
+    """Modules the plugin process imports after Python's own start-up (site), from -X importtime."""
+    res = subprocess.run([sys.executable, "-X", "importtime", *argv], env=env, capture_output=True, text=True)
+    lines = [ln.rpartition("|")[2].strip() for ln in res.stderr.splitlines() if ln.startswith("import time:")]
+    return set(lines[lines.index("site") + 1 :])  # site (and a venv's .pth files) load before the plugin runs
+
+
+# What start-up time buys nothing on the plugin's hot paths (it runs twice per job): issue 15.
+NEVER_FOR_CLASSAD = {"htcondor2", "classad2", "argparse", "dataclasses", "inspect", "pathlib", "typing",
+                     "urllib.parse", "re", "socket", "apppot.image"}  # fmt: skip
+NEVER_FOR_TRANSFER = {"htcondor2", "argparse", "dataclasses", "inspect", "socket", "urllib.parse"}
+
+
+def test_plugin_classad_and_transfer_import_only_what_they_need(plugin_env, images, tmp_path):
+    loaded = _modules_loaded_by([os.fspath(PLUGIN), "-classad"], plugin_env)
+    assert "apppot.plugin" in loaded and "apppot.store" in loaded
+    assert loaded & NEVER_FOR_CLASSAD == set()
+    sb = tmp_path / "sb"
+    sb.mkdir()
+    (sb / "in").write_text(f'[ Url = "apppot://base"; LocalFileName = "{sb}/d" ]\n'
+                           f'[ Url = "apppot://base?format=uml"; LocalFileName = "{sb}/u" ]')
+    argv = [os.fspath(PLUGIN), "-infile", os.fspath(sb / "in"), "-outfile", os.fspath(sb / "out")]
+    loaded = _modules_loaded_by(argv, plugin_env)
+    assert (sb / "d").exists() and (sb / "u").exists()
+    assert "classad2" in loaded and "apppot.image" in loaded  # requests are parsed by HTCondor's library
+    assert loaded & NEVER_FOR_TRANSFER == set()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[ A = "]" ] [ B = [ C = 1 ]; D = {1, 2} ]', ['[ A = "]" ]', "[ B = [ C = 1 ]; D = {1, 2} ]"]),
+    ("\n[ 'odd]name' = \"x\\\"]\" ]\n", ["[ 'odd]name' = \"x\\\"]\" ]"]),
+    ("[ A = 1 ] // a comment", None),  # anything between ads that is not blank: classad2.parseAds decides
+    ("garbage [ A = 1 ]", None),
+    ("[ A = 1 ]]", None),
+    ('[ A = "unterminated ]', None),
+])  # fmt: skip
+def test_split_ads_splits_only_plain_sequences(text, expected):
+    assert plugin.split_ads(text) == expected
+    if expected is not None:  # and each piece is one ad, as classad2 reads the whole sequence
+        assert [dict(classad2.ClassAd(p)) for p in expected] == [dict(ad) for ad in classad2.parseAds(text)]
+
+
+def test_infile_with_comments_is_still_read_by_classad2(plugin_env, images, tmp_path):
+    sb = tmp_path / "sb"
+    text = f'// HTCondor writes none, but the language allows them\n[ Url = "apppot://base"; LocalFileName = "{sb}/d" ]'
+    rc, ads, _ = run_plugin(plugin_env, sb, [], infile_text=text)
+    assert rc == 0 and ads[0]["TransferSuccess"]
