@@ -82,6 +82,10 @@ install:
 		$(DESTDIR)$(PREFIX)/share/apppot/submit_templates $(DESTDIR)$(CONDOR_CONFIG_DIR) $(DESTDIR)$(IMAGE_DIR)
 	rm -rf $(DESTDIR)$(PREFIX)/lib/apppot/apppot
 	tar -c --exclude=__pycache__ apppot | tar -x -C $(DESTDIR)$(PREFIX)/lib/apppot
+	@# byte-compiled now: the plugin runs as job users, who cannot write __pycache__ here and would
+	@# otherwise compile its modules on every job. With DESTDIR the target's Python (or its package
+	@# tooling) has to do it: `$(PYTHON) -m compileall $(PREFIX)/lib/apppot` there.
+	if [ -z "$(DESTDIR)" ]; then $(PYTHON) -m compileall -q $(PREFIX)/lib/apppot; fi
 	for cmd in apppot:main apppot-start:start_main; do \
 	  printf '#!%s -I\nimport sys\nsys.path.insert(0, "%s")\nfrom apppot.cli import %s\nsys.exit(%s())\n' \
 	    "$(PYTHON)" "$(PREFIX)/lib/apppot" "$${cmd#*:}" "$${cmd#*:}" > $(DESTDIR)$(PREFIX)/bin/$${cmd%%:*}; \
