@@ -23,11 +23,22 @@ APT_PACKAGES := python3-dev python3-venv gcc libc6-dev libvirt-dev pkg-config \
 	libvirt-daemon-system libvirt-clients shellcheck hyperfine uml-utilities strace
 KERNEL := $(APPPOT_CACHE)/linux-uml
 
-.PHONY: help deps venv uml-kernel demo test test-unit install uninstall bench clean
+# The condor tier runs against two HTCondor series (docs/condor.md, "Supported versions"): a personal
+# pool of Debian trixie (23.9.x) with the 23.10 bindings in .venv, and one of Debian sid (25.x,
+# CONDOR_SUITE=sid) with the 25.x bindings in $(VENV25). The tests use only htcondor2/classad2, which
+# both wheels have (the 25.x wheel has nothing else).
+HTCONDOR23 ?= htcondor==23.10.29
+HTCONDOR25 ?= htcondor==25.14.1
+VENV25    ?= .venv.25
+CONDOR25_SUITE ?= sid
+
+.PHONY: help deps venv venv25 uml-kernel demo test test-unit test-condor test-condor-25 install uninstall bench bench-condor-25 clean
 
 help:
 	@echo "make demo    run one AppPot job through the apppot:// plugin on the tiny image"
-	@echo "make test    install everything needed, then run every test (unit, VM boots, HTCondor)"
+	@echo "make test    install everything needed, then run every test (unit, VM boots, HTCondor 23.x),"
+	@echo "             then the HTCondor tier again against HTCondor 25.x (make test-condor-25)"
+	@echo "make test-condor / test-condor-25   only the HTCondor tier, on the 23.x / 25.x personal pool"
 	@echo "make install put apppot on an HTCondor execute node (PREFIX=$(PREFIX) DESTDIR=$(DESTDIR))"
 	@echo "make uml-kernel  build apppot's fast UML kernel (~4 min, cached)"
 	@echo "make bench   run the benchmarks in bench/ after make test (results: docs/performance.md)"
@@ -44,10 +55,18 @@ deps:
 $(VENV)/.stamp: setup.cfg pyproject.toml
 	/usr/bin/python3 -m venv $(VENV)  # the system Python: unprivileged test users can run it (pyenv lives under /root)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' '$(HTCONDOR23)'
 	touch $@
 
 venv: deps $(VENV)/.stamp
+
+$(VENV25)/.stamp: setup.cfg pyproject.toml
+	/usr/bin/python3 -m venv $(VENV25)
+	$(VENV25)/bin/python -m pip install -q --upgrade pip
+	$(VENV25)/bin/python -m pip install -q -e '.[test]' '$(HTCONDOR25)'
+	touch $@
+
+venv25: deps $(VENV25)/.stamp
 
 $(KERNEL): kernel/build-uml-kernel kernel/uml.config $(wildcard kernel/patches/*.patch)
 	bash kernel/build-uml-kernel $@
@@ -58,8 +77,17 @@ uml-kernel: $(KERNEL)
 demo: venv uml-kernel
 	$(PY) scripts/demo.py
 
-test: venv uml-kernel
+# The personal pools share ports: the 23.x tier brings its pool down before the 25.x one comes up
+# (unless it was up before; then test-condor-25 stops with "another personal pool is up").
+test: venv venv25 uml-kernel
 	$(PY) -m pytest -m "" tests
+	$(MAKE) test-condor-25
+
+test-condor: venv uml-kernel
+	$(PY) -m pytest -m "" tests/condor
+
+test-condor-25: venv venv25 uml-kernel
+	CONDOR_SUITE=$(CONDOR25_SUITE) $(VENV25)/bin/python -m pytest -m "" tests/condor
 
 test-unit: venv
 	$(PY) -m pytest -m "not vm and not condor and not soak" tests
@@ -73,6 +101,10 @@ bench: venv uml-kernel
 	$(PY) bench/io.py --image $$(ls -t $(TEST_IMAGES)/debian-*.img | head -1)
 	$(PY) bench/snap.py
 	$(PY) bench/condor.py
+	$(MAKE) bench-condor-25
+
+bench-condor-25: venv25
+	CONDOR_SUITE=$(CONDOR25_SUITE) $(VENV25)/bin/python bench/condor.py
 
 # What an admin runs on an execute node. The package goes into PREFIX/lib/apppot (no pip needed on
 # the node); commands are small wrappers run by $(PYTHON). The drop-ins advertise PREFIX's paths in the

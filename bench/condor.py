@@ -1,8 +1,10 @@
 """What apppot adds to an HTCondor job: submit-to-completion time of a plain vanilla /bin/true job vs
 the same command as an AppPot job (apppot:// plugin + `apppot run` under UML), in the same personal
-pool, interleaved, medians of one run. Writes the "## HTCondor jobs" section of docs/performance.md.
+pool, interleaved, medians of one run. Writes the "## HTCondor jobs" section of docs/performance.md
+(the default 23.x pool only) and its row in "## HTCondor jobs by HTCondor version" (any pool).
 
     python bench/condor.py [--runs 7] [--no-write]        (root: it brings the personal pool up)
+    CONDOR_SUITE=sid .venv.25/bin/python bench/condor.py   (the 25.x pool: make bench-condor-25)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, os.fspath(REPO / "scripts"))
 from perfdoc import write_section  # noqa: E402
 from pool import POOL, pool_env  # noqa: E402
 SECTION = "## HTCondor jobs"
+BY_VERSION = "## HTCondor jobs by HTCondor version"
 TARGET_S = 2.0
 
 
@@ -53,6 +56,34 @@ def run_one(htcondor2, schedd, desc: dict[str, str], timeout_s: float = 120) -> 
     return elapsed
 
 
+def pool_condor_version() -> str:
+    """The pool's HTCondor version, e.g. "23.9.6", as its condor_version says."""
+    out = subprocess.run([os.fspath(POOL), "in-pool", "condor_version"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    return out.split()[1] if out.startswith("$CondorVersion:") else out.strip()
+
+
+def by_version_section(version: str, suite: str, row: str) -> str:
+    """The per-version table with this pool's row replaced (rows of other suites kept)."""
+    import re
+
+    from perfdoc import DOC
+
+    doc = DOC.read_text() if DOC.exists() else ""
+    m = re.search(rf"^{re.escape(BY_VERSION)}\n(.*?)(?=^## |\Z)", doc, re.DOTALL | re.MULTILINE)
+    rows = [r for r in (m.group(1) if m else "").splitlines()
+            if r.startswith("| ") and not r.startswith(("| HTCondor", "|---")) and f"({suite})" not in r]
+    rows = sorted([*rows, row], key=lambda r: [int(x) for x in re.findall(r"\d+", r.split("|")[1])[:3]])
+    return f"""{BY_VERSION}
+
+apppot's added time per vanilla job on each HTCondor series this project is tested on: the medians of
+`bench/condor.py` (see "HTCondor jobs" for the method) against the personal pool of that series.
+
+| HTCondor (Debian suite) | plain job | apppot job | apppot adds | date | reproduce |
+|---|---|---|---|---|---|
+""" + "\n".join(rows) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=7)
@@ -64,6 +95,7 @@ def main() -> int:
     subprocess.run([os.fspath(POOL), "up"], check=True)
     try:
         env = pool_env()
+        version = pool_condor_version()
         os.environ.clear()
         os.environ.update(env)
         import htcondor2
@@ -106,6 +138,7 @@ def main() -> int:
             subprocess.run([os.fspath(POOL), "down"], check=False)
 
     load_after = os.getloadavg()[0]
+    suite = env.get("CONDOR_SUITE", "trixie")
     med = {k: statistics.median(v) for k, v in times.items()}
     added = med["apppot"] - med["plain"]
     installed = Path(env.get("CONDOR_ROOT", "/"), env.get("APPPOT_PREFIX", "/usr/local").lstrip("/"), "lib/apppot/linux")
@@ -118,7 +151,7 @@ def main() -> int:
     text = f"""{SECTION}
 
 `bench/condor.py` ({datetime.date.today()}, {args.runs} interleaved runs each after one warm-up, personal pool of
-`scripts/personal-pool`: HTCondor 23.9.6 in a trixie chroot, scheduling intervals at 1 s). Time from
+`scripts/personal-pool`: HTCondor {version} in a {suite} chroot, scheduling intervals at 1 s). Time from
 `Schedd.submit()` on the host until the schedd reports the job completed. "plain" is a vanilla
 `/bin/true`; "apppot" is `apppot submit --image tiny -- /bin/true`: the apppot:// plugin stages a UML COW
 layer, `apppot run --mem 128M` boots the tiny image under UML ({kernel_note}) and runs `/bin/true`.
@@ -138,9 +171,14 @@ A VM-universe job (submit_templates/apppot-vm.sub, TCG) takes ~80 s whatever the
 starter polls the VM every VM_STATUS_INTERVAL, which HTCondor forces to >= 30 s (the guest itself
 boots, runs and powers off in ~4–8 s).
 """
-    print(text)
+    cmd = "make bench" if suite == "trixie" else f"CONDOR_SUITE={suite} .venv.25/bin/python bench/condor.py"
+    row = (f"| {version} ({suite}) | {med['plain']:.2f} s | {med['apppot']:.2f} s | **{added:.2f} s** "
+           f"| {datetime.date.today()} | `{cmd}` |")
+    print(text if suite == "trixie" else "", row, sep="\n")
     if not args.no_write:
-        write_section(SECTION, text)
+        if suite == "trixie":  # the section describes the default pool; other series add their row
+            write_section(SECTION, text)
+        write_section(BY_VERSION, by_version_section(version, suite, row))
     return 0
 
 
