@@ -13,13 +13,14 @@ import sys
 from apppot import store
 
 
-def quote(s: str) -> str:
-    """A ClassAd string literal (image names are file names: anything but "/" and NUL)."""
-    return '"' + "".join({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, c) for c in s) + '"'
+def listable(name: str) -> bool:
+    """Whether a name can go into the string list: the startd reads old-style ClassAd lines, whose
+    strings have no escape for a backslash, and a comma would split the name in stringListMember."""
+    return name.isprintable() and not any(c in name for c in '",\\')
 
 
 def main() -> int:
-    names = store.list_images(store.image_dirs(env_first=True))
+    names = [n for n in store.list_images(store.image_dirs(env_first=True)) if listable(n)]
     # the output format of a startd cron job: one `Attr = value` per line
-    sys.stdout.write(f"HasAppPot = {'true' if names else 'false'}\nAppPotImages = {quote(','.join(names))}\n")
+    sys.stdout.write(f'HasAppPot = {"true" if names else "false"}\nAppPotImages = "{",".join(names)}"\n')
     return 0
