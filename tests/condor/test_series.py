@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 
 import pytest
@@ -35,7 +36,11 @@ def wait_for(pool, what: str, cond, timeout: float = 30) -> None:
 def test_plugin_startd_attrs_reach_the_starter_ad(pool):
     """What the startd reads at start-up and on reconfig: `condor_starter -classad`, which runs every
     plugin's -classad and copies the attributes a plugin names in StartdAttrs (HTCondor >= 23.7)."""
-    out = pool.in_pool("condor_starter", "-classad").stdout
+    # as the startd runs it: as root (the test user may not write the starter's log)
+    cmd = ["condor_starter", "-classad"]
+    if pool.mode == "chroot":
+        cmd = ["chroot", str(pool.root), "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
     m = re.search(r'^AppPotImages\s*=\s*"([^"]*)"\s*$', out, re.MULTILINE)
     assert m, f"the starter's ad has no AppPotImages from the plugin:\n{out}"
     assert IMAGE in m.group(1).split(",")
