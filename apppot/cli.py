@@ -30,7 +30,7 @@ Exit status: the command's own (0-255); 124 walltime exceeded; 125 apppot could 
 JOBDIR/.apppot/outcome.json, which also tell these apart from a command that exits 124/125/255).
 
 Disks: IMAGE may be a raw base (a private copy-on-write layer is made and discarded), a UML COW file
-staged by the apppot:// transfer plugin (apppot://NAME?format=uml), or the NAME of an image in the
+staged by the apppot:// transfer plugin (apppot://NAME?format=uml-cow), or the NAME of an image in the
 node's image directories (APPPOT_IMAGE_PATH). The base is never modified. --apppot COW,BASE keeps
 the COW file, so changes made in an interactive session persist across runs.
 """

@@ -64,7 +64,7 @@ def resolve_disk(image_ref: str | None, apppot: str | None, backend: BackendKind
     if img.format == "qcow2" and backend == BackendKind.UML:
         raise ApppotError(
             f"{img.path} is a qcow2 overlay, which UML cannot boot",
-            hint=f"stage it for UML with apppot://{img.path.name}?format=uml in transfer_input_files, or use --backend qemu",
+            hint=f"stage it for UML with apppot://{img.path.name}?format=uml-cow in transfer_input_files, or use --backend qemu",
         )
     if img.format not in ("raw", "qcow2"):
         raise ApppotError(f"{img.path} is a {img.format} image; apppot boots raw images (and qcow2 with qemu)")

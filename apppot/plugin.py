@@ -2,7 +2,7 @@
 
 For each URL the plugin writes, at LocalFileName, a small copy-on-write layer over a base image
 that the node already holds: a qcow2 overlay (VM universe, qemu, libvirt) or a UML COW file
-(`format=uml`, for `apppot run` under User-Mode Linux). The base is never written.
+(`format=uml-cow`, for `apppot run` under User-Mode Linux). The base is never written.
 
 Protocol (HTCondor's docs/apis/file-transfer-plugins): `-classad` prints the capabilities;
 `-infile IN -outfile OUT [-upload]` handles every request ad in IN and writes one result ad per
@@ -31,7 +31,7 @@ PROTOCOL_VERSION = 4  # HTCondor 23.x and later; v2 input (no non-file ads) is r
 
 URL_HELP = """\
 URL grammar:
-  apppot://NAME[?sha256=HEX][&size=SIZE][&format=qcow2|uml]
+  apppot://NAME[?sha256=HEX][&size=SIZE][&format=qcow2|uml-cow]
   apppot:///ABS/PATH/IMAGE[?...]        (only inside the node's image directories)
 
   NAME     an image in the node's image directories (condor knob APPPOT_IMAGE_PATH, colon-separated;
@@ -40,10 +40,11 @@ URL grammar:
   sha256   pin the base: the job fails if the node's image has a different sha256.
   size     grow the overlay's virtual disk, e.g. size=10G (qcow2 only; never shrinks).
   format   qcow2 (default): a qcow2 overlay for the VM universe, qemu or libvirt.
-           uml: a User-Mode Linux COW file for `apppot run` (needs a raw base).
+           uml-cow: a User-Mode Linux COW file for `apppot run` (needs a raw base; `uml` is
+           accepted for it too).
 
 HTCondor names the sandbox file after the URL's last path component, without the query:
-apppot://debian?format=uml becomes the file `debian` in the job's scratch directory.
+apppot://debian?format=uml-cow becomes the file `debian` in the job's scratch directory.
 """
 
 
@@ -123,12 +124,12 @@ def parse_url(url: str) -> Target:
     sha = opts.get("sha256")
     if sha is not None and not (len(sha) == 64 and set(sha) <= set("0123456789abcdefABCDEF")):
         raise _bad_spec(url, "sha256 must be 64 hexadecimal digits")
-    fmt = opts.get("format", "qcow2")
-    if fmt not in ("qcow2", "uml"):
-        raise _bad_spec(url, f"format={fmt} is unknown; use format=qcow2 or format=uml")
+    fmt = {"uml": "uml-cow"}.get(opts.get("format", "qcow2"), opts.get("format", "qcow2"))  # (its old name)
+    if fmt not in ("qcow2", "uml-cow"):
+        raise _bad_spec(url, f"format={fmt} is unknown; use format=qcow2 or format=uml-cow")
     size = None
     if "size" in opts:
-        if fmt == "uml":
+        if fmt == "uml-cow":
             raise _bad_spec(url, "size= only applies to qcow2 overlays; a UML COW file has the base's size")
         from apppot import image
 
@@ -186,7 +187,7 @@ def stage(req: Request) -> dict[str, Any]:
 
     dest = Path(req.local_file)
     try:
-        if target.format == "uml":
+        if target.format == "uml-cow":
             nbytes = image.create_uml_cow(dest, base)
         else:
             nbytes = image.create_qcow2_overlay(dest, base, size=target.size)

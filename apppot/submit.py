@@ -1,11 +1,11 @@
 """`apppot submit`: an AppPot job to HTCondor (htcondor2 bindings), optionally waiting for its result.
 
-The job is the one submit_templates/apppot-vanilla.sub and apppot-vm.sub describe, built from
-options: the image travels as an apppot:// URL (the execute point stages a copy-on-write layer
-over its own base), the job directory's files as ordinary inputs. Vanilla (default): `apppot run`
-boots the image under User-Mode Linux and the job's ExitCode is the command's exit status. VM
-universe: qemu/libvirt through condor_vm-gahp; the guest's status comes back as the job attribute
-AppPotExitCode and the file apppot.status (the VM universe's own ExitCode is always 0).
+The job is the one submit_templates/apppot-vanilla.sub and apppot-vm.sub describe: the template itself
+is submitted, its variables set from the options. The image travels as an apppot:// URL (the execute
+point stages a copy-on-write layer over its own base), the job directory's files as ordinary inputs.
+Vanilla (default): `apppot run` boots the image under User-Mode Linux and the job's ExitCode is the
+command's exit status. VM universe: qemu/libvirt through condor_vm-gahp; the guest's status comes back
+as the job attribute AppPotExitCode and the file apppot.status (the VM universe's own ExitCode is always 0).
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from apppot.knobs import bindings
 # Paths on the execute point, as its slot ad advertises them (50-apppot.conf, 60-apppot-vm.conf): the
 # schedd fills in $$(...) from the matched slot, so any PREFIX the node's admin chose works.
 LAUNCHER = "$$(APPPOT_LAUNCHER)"
-VM_POST = "$$(APPPOT_VM_POST)"
-UML_OVERHEAD_MIB = 64  # the UML kernel process itself, on top of the guest RAM file in /dev/shm
 
 HOLD_SPOOLING_INPUT = 16  # HoldReasonCode of a spooled job while its input is on the way
 
@@ -44,11 +42,37 @@ def condor_arguments(argv: Sequence[str]) -> str:
     return '"' + " ".join(out) + '"'
 
 
+def template_path(universe: str) -> Path:
+    """submit_templates/apppot-UNIVERSE.sub: in the source tree, under PREFIX/share/apppot (make install),
+    or under the Python prefix's share/apppot (the wheel)."""
+    if universe not in ("vanilla", "vm"):
+        raise ApppotError(f"unknown universe {universe!r}: vanilla or vm")
+    here = Path(__file__).resolve().parent
+    name = f"apppot-{universe}.sub"
+    places = [here.parent / "submit_templates", here.parents[2] / "share/apppot/submit_templates",
+              Path(sys.prefix) / "share/apppot/submit_templates"]  # fmt: skip
+    for d in places:
+        if (d / name).is_file():
+            return d / name
+    raise ApppotError(f"submit template {name} not found (looked in {', '.join(map(str, places))})",
+                      hint="reinstall apppot: `make install` puts the templates under PREFIX/share/apppot")  # fmt: skip
+
+
+def _macro(value: str) -> str:
+    """VALUE as the right-hand side of a submit-language macro: one line, `$` taken literally."""
+    if "\n" in value or "\r" in value:
+        raise ApppotError(f"{value!r} contains a line break, which a submit description cannot carry",
+                          hint="put the command in a script in the job directory (apppot-run) and run that")  # fmt: skip
+    return value.replace("$", "$(DOLLAR)")
+
+
 def build_submit(*, image: str, command: Sequence[str], universe: str, memory_mib: int,
                  inputs: Sequence[str], changes: str | None, job_dir: Path, launcher: str = LAUNCHER,
-                 walltime_s: float | None = None) -> dict[str, str]:  # fmt: skip
-    """The submit description (what the templates say, for these options)."""
-    _, classad2 = bindings()
+                 walltime_s: float | None = None) -> Any:  # fmt: skip
+    """The job as submit_templates/apppot-UNIVERSE.sub describes it, with its variables set from these
+    options (the template is the one description: condor_submit and `apppot submit` run the same job).
+    Returns an htcondor2.Submit."""
+    htcondor2, classad2 = bindings()
     if "/" in image or "?" in image or not image:
         raise ApppotError(f"--image {image!r}: give the NAME of an image the execute points hold",
                           hint="condor_status -af AppPotImages lists them")  # fmt: skip
@@ -56,59 +80,16 @@ def build_submit(*, image: str, command: Sequence[str], universe: str, memory_mi
     for f in files:
         if "://" not in f and not (job_dir / f).exists():
             raise ApppotError(f"input file {f} not found in the job directory {job_dir}")
-    desc: dict[str, str] = {
-        "initialdir": os.fspath(job_dir),
-        "request_disk": "1GB",
-    }
-    if universe == "vanilla":
-        args = ["run", "--image", image, "--discard-disk", "--mem", f"{memory_mib}M"]
-        if changes:
-            args += ["--changes", changes]
-        if walltime_s:
-            args += ["--walltime", f"{walltime_s:g}"]
-        desc.update({
-            "universe": "vanilla",
-            "should_transfer_files": "YES",  # (the VM universe always transfers)
-            "when_to_transfer_output": "ON_EXIT",
-            "executable": launcher,
-            "transfer_executable": "false",
-            "arguments": condor_arguments([*args, "--", *command]),
-            "transfer_input_files": ", ".join([f"apppot://{image}?format=uml", *files]),
-            "request_memory": str(memory_mib + UML_OVERHEAD_MIB),
-            "requirements": f'HasAppPot =?= True && stringListMember("{image}", AppPotImages)',
-            "job_max_vacate_time": "25",
-            "output": "apppot.$(Cluster).$(Process).out",
-            "error": "apppot.$(Cluster).$(Process).err",
-            "log": "apppot.$(Cluster).log",
-        })  # fmt: skip
-    elif universe == "vm":
-        desc.update({
-            "universe": "vm",
-            "executable": f"apppot-vm-{image}",
-            "vm_type": "kvm",
-            "vm_memory": str(memory_mib),
-            "request_memory": str(memory_mib),
-            "vm_disk": f"{image}:vda:w:qcow2",
-            "vm_networking": "false",
-            "vm_no_output_vm": "false",
-            "transfer_input_files": ", ".join([f"apppot://{image}", *files]),
-            "+AppPotCommand": classad2.quote(shlex.join(command)) if command else '""',
-            "+AppPotChanges": classad2.quote(changes or ""),
-            "+WantIOProxy": "true",
-            "+PostCmd": classad2.quote(VM_POST),
-            "requirements": f'HasAppPot =?= True && HasAppPotVM =?= True && stringListMember("{image}", AppPotImages)',
-            "job_max_vacate_time": "20",
-            # apppot's own failures (status 125 with a message) hold the job with the reason
-            "on_exit_hold": "AppPotExitCode =?= 125 && AppPotExitMessage =!= undefined",
-            "on_exit_hold_reason": 'strcat("apppot: ", AppPotExitMessage)',
-            "on_exit_hold_subcode": "125",
-            "log": "apppot-vm.$(Cluster).log",
-        })
-        if walltime_s:
-            desc["periodic_remove"] = f"JobStatus == 2 && time() - EnteredCurrentStatus > {walltime_s:g}"
-    else:
-        raise ApppotError(f"unknown universe {universe!r}: vanilla or vm")
-    return desc
+    template = template_path(universe)
+    if universe == "vanilla":  # the words after `--` in the template's new-syntax `arguments`
+        cmd = condor_arguments(command)[1:-1]
+    else:  # the body of the template's +AppPotCommand string literal
+        cmd = str(classad2.quote(shlex.join(command)))[1:-1] if command else ""
+    macros = {"image": image, "mem": str(memory_mib), "cmd": cmd, "inputs": ", ".join(inputs), "changes": changes,
+              "walltime": f"{walltime_s:g}" if walltime_s else None, "launcher": launcher if launcher != LAUNCHER else None}  # fmt: skip
+    lines = [f"initialdir = {_macro(os.fspath(job_dir))}"]
+    lines += [f"{k} = {_macro(v)}" for k, v in macros.items() if v]
+    return htcondor2.Submit("\n".join(lines) + "\n" + template.read_text())
 
 
 class JobResult:
@@ -246,12 +227,12 @@ def _wait_spooled(schedd: Any, htcondor2: Any, cluster: int, *, universe: str, j
         time.sleep(0.25)
 
 
-def submit_job(desc: dict[str, str], *, spool: bool = False) -> tuple[Any, Any, int]:
+def submit_job(desc: Any, *, spool: bool = False) -> tuple[Any, Any, int]:
     htcondor2, _ = bindings()
     if spool:
-        desc = {**desc, "leave_in_queue": "JobStatus == 4 && (StageOutFinish =?= undefined || StageOutFinish == 0)"}
+        desc["leave_in_queue"] = "JobStatus == 4 && (StageOutFinish =?= undefined || StageOutFinish == 0)"
     schedd = htcondor2.Schedd()
-    result = schedd.submit(htcondor2.Submit(desc), spool=spool)
+    result = schedd.submit(desc, spool=spool)
     if spool:
         schedd.spool(result)
     return htcondor2, schedd, result.cluster()
@@ -295,9 +276,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                         inputs=args.inputs, changes=args.changes, job_dir=job_dir, launcher=args.launcher,
                         walltime_s=args.walltime)  # fmt: skip
     if args.dry_run:
-        for k, v in desc.items():
-            print(f"{k} = {v}")
-        print("queue")
+        print(desc, end="")
         return 0
     try:
         htcondor2, schedd, cluster = submit_job(desc, spool=args.spool)

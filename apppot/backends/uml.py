@@ -50,7 +50,7 @@ class UmlBackend:
         if spec.disk.layer_format != "uml-cow":
             raise ApppotError(
                 f"UML cannot use the {spec.disk.layer_format} overlay {spec.disk.layer}",
-                hint="stage the disk for UML with apppot://NAME?format=uml (a UML COW file), or pass the raw base image",
+                hint="stage the disk for UML with apppot://NAME?format=uml-cow (a UML COW file), or pass the raw base image",
             )
         if not spec.disk.layer.exists():
             image.create_uml_cow(spec.disk.layer, image.probe_image(spec.disk.base))

@@ -136,7 +136,9 @@ class Pool:
         """Submit one cluster; returns the SubmitResult.  A dict/text without `initialdir`
         gets a fresh job_dir() when not spooled."""
         htcondor = self.htcondor
-        if isinstance(submit, Mapping):
+        if isinstance(submit, htcondor.Submit):  # (a Mapping too, but its keys() recurses in 23.10)
+            sub = submit
+        elif isinstance(submit, Mapping):
             desc = {k: str(v) for k, v in submit.items()}
             if not spool and not any(k.lower() in ("initialdir", "initial_dir", "iwd") for k in desc):
                 desc["initialdir"] = str(self.job_dir())
@@ -145,10 +147,8 @@ class Pool:
                 desc.setdefault("leave_in_queue",
                                 "JobStatus == 4 && (StageOutFinish =?= undefined || StageOutFinish == 0)")
             sub = htcondor.Submit(desc)
-        elif isinstance(submit, str):
-            sub = htcondor.Submit(submit)
         else:
-            sub = submit
+            sub = htcondor.Submit(submit)
         result = self.schedd.submit(sub, spool=spool)
         if spool:
             self.schedd.spool(result)

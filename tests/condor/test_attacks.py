@@ -164,7 +164,8 @@ def submit_attack(pool, node, name: str, attack: dict) -> tuple[int, pathlib.Pat
     desc = apppot_submit.build_submit(image=IMAGE, command=["sh", "-c", "echo ran; exit 42"], universe="vm",
                                       memory_mib=128, inputs=[*attack.get("inputs", []), "post.sh"], changes=None,
                                       job_dir=d)  # fmt: skip
-    desc.update({"+PostCmd": '"post.sh"', "batch_name": f'"attack: {name}"', **attack["submit"]})
+    for key, value in {"+PostCmd": '"post.sh"', "batch_name": f'"attack: {name}"', **attack["submit"]}.items():
+        desc["MY." + key[1:] if key.startswith("+") else key] = value  # MY.X replaces the template's +X
     return pool.submit(desc).cluster(), d
 
 

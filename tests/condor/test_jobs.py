@@ -101,7 +101,7 @@ def _start_vm_job_early(request, apppot_pool):
 
 
 def test_vanilla_job_through_plugin(apppot_pool):
-    """condor_submit of apppot-vanilla.sub: the starter runs our plugin for apppot://tiny?format=uml,
+    """condor_submit of apppot-vanilla.sub: the starter runs our plugin for apppot://tiny?format=uml-cow,
     `apppot run` boots the COW layer under UML, and stdout, files and the status (42) come back."""
     pool = apppot_pool
     cluster, d = submit_template(pool, "apppot-vanilla.sub", "vanilla")
@@ -170,7 +170,7 @@ def test_bad_apppot_input_is_held_with_our_reason(apppot_pool):
     """Two apppot:// inputs, one naming an image the node lacks: held, HoldReason has our text."""
     pool = apppot_pool
     desc = apppot_submit.build_submit(image=IMAGE, command=["true"], universe="vanilla", memory_mib=128,
-                                      inputs=["apppot://no-such-image?format=uml"], changes=None,
+                                      inputs=["apppot://no-such-image?format=uml-cow"], changes=None,
                                       job_dir=pool.job_dir("held"))  # fmt: skip
     ad = pool.submit_and_wait(desc, timeout=60, hold_ok=True)
     try:

@@ -77,7 +77,7 @@ def test_size_grows_the_overlay(plugin_env, images, tmp_path):
 
 
 def test_uml_format_writes_a_uml_cow_file(plugin_env, images, tmp_path):
-    rc, ads, _ = run_plugin(plugin_env, tmp_path / "sb", [("apppot://base?format=uml", "base")])
+    rc, ads, _ = run_plugin(plugin_env, tmp_path / "sb", [("apppot://base?format=uml-cow", "base")])
     assert rc == 0 and ads[0]["TransferSuccess"]
     from apppot.image import probe_image, read_uml_cow_backing
 
@@ -246,7 +246,7 @@ def test_legacy_single_file_form(plugin_env, images, tmp_path):
 
 def test_concurrent_invocations_over_one_base(plugin_env, images, tmp_path):
     def one(i: int) -> tuple[int, list]:
-        rc, ads, _ = run_plugin(plugin_env, tmp_path / f"sb{i}", [("apppot://base", "d"), ("apppot://base?format=uml", "u")])
+        rc, ads, _ = run_plugin(plugin_env, tmp_path / f"sb{i}", [("apppot://base", "d"), ("apppot://base?format=uml-cow", "u")])
         return rc, ads
 
     with ThreadPoolExecutor(max_workers=12) as pool:
@@ -258,7 +258,7 @@ def test_concurrent_invocations_over_one_base(plugin_env, images, tmp_path):
 
 def test_help_documents_the_url_grammar(plugin_env):
     out = subprocess.run([PLUGIN, "--help"], env=plugin_env, capture_output=True, text=True).stdout
-    assert "apppot://NAME[?sha256=HEX][&size=SIZE][&format=qcow2|uml]" in out
+    assert "apppot://NAME[?sha256=HEX][&size=SIZE][&format=qcow2|uml-cow]" in out
     assert "APPPOT_IMAGE_PATH" in out
 
 
@@ -325,7 +325,7 @@ def test_plugin_classad_and_transfer_import_only_what_they_need(plugin_env, imag
     sb = tmp_path / "sb"
     sb.mkdir()
     (sb / "in").write_text(f'[ Url = "apppot://base"; LocalFileName = "{sb}/d" ]\n'
-                           f'[ Url = "apppot://base?format=uml"; LocalFileName = "{sb}/u" ]')
+                           f'[ Url = "apppot://base?format=uml-cow"; LocalFileName = "{sb}/u" ]')
     argv = [os.fspath(PLUGIN), "-infile", os.fspath(sb / "in"), "-outfile", os.fspath(sb / "out")]
     loaded = _modules_loaded_by(argv, plugin_env)
     assert (sb / "d").exists() and (sb / "u").exists()
@@ -352,3 +352,10 @@ def test_infile_with_comments_is_still_read_by_classad2(plugin_env, images, tmp_
     text = f'// HTCondor writes none, but the language allows them\n[ Url = "apppot://base"; LocalFileName = "{sb}/d" ]'
     rc, ads, _ = run_plugin(plugin_env, sb, [], infile_text=text)
     assert rc == 0 and ads[0]["TransferSuccess"]
+
+
+def test_format_uml_is_still_read_as_uml_cow(plugin_env, images, tmp_path):
+    """`format=uml` was the option's first name: submit files that use it keep working."""
+    rc, ads, _ = run_plugin(plugin_env, tmp_path / "sb", [("apppot://base?format=uml", "d")])
+    assert rc == 0 and ads[0]["DeveloperData"]["OverlayFormat"] == "uml-cow"
+    assert (tmp_path / "sb/d").read_bytes()[:4] == b"OOOM"  # UML COW magic, big-endian "MOOO"

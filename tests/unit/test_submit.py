@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import classad2
 import htcondor2
 import pytest
 
@@ -138,3 +139,46 @@ def test_timeout_is_an_error_naming_the_job(tmp_path: Path) -> None:
     with pytest.raises(ApppotError, match=r"job 42.0 did not finish within 1 s"):
         wait(FakeSchedd(log), tmp_path, timeout_s=1)
     assert time.monotonic() - t0 < 5
+
+
+# --- the submit description: the templates, with their variables set -----------------------------
+
+
+def _job(tmp_path: Path, universe: str, command: list[str], **kw) -> htcondor2.Submit:
+    (tmp_path / "run.sh").write_text("#!/bin/sh\n")
+    opts = {"image": "tiny", "memory_mib": 128, "inputs": ["run.sh"], "changes": None, "job_dir": tmp_path, **kw}
+    return submit.build_submit(universe=universe, command=command, **opts)
+
+
+def test_vanilla_job_is_the_template_with_its_variables(tmp_path: Path) -> None:
+    job = _job(tmp_path, "vanilla", ["./run.sh", "x y", "it's \"q\"", "$HOME", "$(HOME)"], walltime_s=90)
+    assert job.expand("executable") == "$$(APPPOT_LAUNCHER)"  # the node's, from the matched slot
+    assert job.expand("arguments") == ('"run --image tiny --discard-disk --mem 128M  --walltime 90 -- '
+                                       """./run.sh 'x y' 'it''s ""q""' $HOME $(HOME)\"""")  # `$` stays literal
+    assert job.expand("transfer_input_files") == "apppot://tiny?format=uml-cow, run.sh, "
+    assert job.expand("request_memory") == "128 + 64"
+    assert job.expand("initialdir") == str(tmp_path)
+    assert "AppPotImages" in job.expand("requirements")
+    assert _job(tmp_path, "vanilla", ["true"], launcher="/opt/x/bin/apppot").expand("executable") == "/opt/x/bin/apppot"
+
+
+def test_vm_job_is_the_template_with_its_variables(tmp_path: Path) -> None:
+    job = _job(tmp_path, "vm", ["sh", "-c", 'echo "a  b" $X'], walltime_s=600, changes=None)
+    assert job.expand("MY.AppPotCommand") == classad2.quote("sh -c 'echo \"a  b\" $X'")
+    assert job.expand("vm_memory") == "128" and job.expand("vm_disk") == "tiny:vda:w:qcow2"
+    assert job.expand("periodic_remove") == "JobStatus == 2 && time() - EnteredCurrentStatus > 600"
+    assert job.expand("on_exit_hold") == "AppPotExitCode =?= 125 && AppPotExitMessage =!= undefined"
+    assert job.expand("MY.PostCmd") == '"$$(APPPOT_VM_POST)"'
+
+
+def test_a_command_with_a_line_break_or_a_missing_input_is_refused_with_a_way_out(tmp_path: Path) -> None:
+    with pytest.raises(ApppotError, match="line break.*apppot-run"):
+        _job(tmp_path, "vanilla", ["sh", "-c", "echo a\necho b"])
+    with pytest.raises(ApppotError, match="input file nope not found in the job directory"):
+        _job(tmp_path, "vm", ["true"], inputs=["nope"])
+
+
+def test_dry_run_prints_what_condor_submit_accepts(tmp_path: Path) -> None:
+    job = _job(tmp_path, "vanilla", ["true"])
+    again = htcondor2.Submit(str(job))  # the printed text parses back to the same job
+    assert again.expand("arguments") == job.expand("arguments")

@@ -21,7 +21,7 @@ import pytest
 
 from apppot import accel, image
 from apppot.condor import libvirt_xml, vm_post
-from apppot.submit import build_submit, condor_arguments
+from apppot.submit import condor_arguments
 from tests.conftest import REPO
 
 SCRIPT = REPO / "plugins" / "apppot_libvirt_xml"
@@ -319,7 +319,7 @@ def test_job_attributes_reach_condor_chirp_as_classad_literals(tmp_path: Path, m
 
 def test_staged_layers_are_the_apppot_urls(tmp_path: Path) -> None:
     ad = tmp_path / ".job.ad"
-    ad.write_text('TransferInput = "apppot://tiny?format=uml, in.txt,apppot:///var/lib/apppot/images/deb.img?sha256=00,'
+    ad.write_text('TransferInput = "apppot://tiny?format=uml-cow, in.txt,apppot:///var/lib/apppot/images/deb.img?sha256=00,'
                   'apppot://../../etc,http://x/y"\n')  # fmt: skip
     assert vm_post.staged_layers(os.fspath(ad)) == ["tiny", "deb.img", "etc"]
     assert vm_post.staged_layers(None) == []
@@ -340,29 +340,6 @@ def test_condor_arguments_quoting() -> None:
     assert condor_arguments(["run", "--", "sh", "-c", "echo 'a b' \"c\""]) == \
         '"run -- sh -c \'echo \'\'a b\'\' ""c""\'"'  # fmt: skip
     assert condor_arguments(["x", ""]) == "\"x ''\""
-
-
-def test_build_submit_vanilla(tmp_path: Path) -> None:
-    from apppot.errors import ApppotError
-
-    (tmp_path / "in.txt").write_text("x")
-    d = build_submit(image="tiny", command=["./run", "a b"], universe="vanilla", memory_mib=300,
-                     inputs=["in.txt"], changes=None, job_dir=tmp_path)  # fmt: skip
-    assert d["executable"] == "$$(APPPOT_LAUNCHER)" and d["transfer_executable"] == "false"
-    assert d["transfer_input_files"] == "apppot://tiny?format=uml, in.txt"
-    assert d["arguments"] == "\"run --image tiny --discard-disk --mem 300M -- ./run 'a b'\""
-    assert d["request_memory"] == "364"
-    assert 'stringListMember("tiny", AppPotImages)' in d["requirements"]
-    with pytest.raises(ApppotError):
-        build_submit(image="tiny", command=[], universe="vanilla", memory_mib=256, inputs=["nope"],
-                     changes=None, job_dir=tmp_path)  # fmt: skip
-
-
-def test_build_submit_vm_holds_a_refused_job(tmp_path: Path) -> None:
-    d = build_submit(image="tiny", command=["true"], universe="vm", memory_mib=256, inputs=[], changes=None,
-                     job_dir=tmp_path)  # fmt: skip
-    assert "AppPotExitCode =?= 125" in d["on_exit_hold"]
-    assert "AppPotExitMessage" in d["on_exit_hold_reason"]
 
 
 def test_mode_of_a_layer_is_private(tmp_path: Path) -> None:

@@ -211,7 +211,7 @@ def test_disk_staged_by_the_plugin_in_uml_format(backend, tiny_image, job_dir):
     env = {**os.environ, "APPPOT_IMAGE_PATH": os.fspath(tiny_image.parent), "PYTHONPATH": os.fspath(REPO),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
     name = tiny_image.name
-    subprocess.run([REPO / "plugins/apppot_plugin", f"apppot://{name}?format=uml", job_dir / name], env=env,
+    subprocess.run([REPO / "plugins/apppot_plugin", f"apppot://{name}?format=uml-cow", job_dir / name], env=env,
                    check=True, capture_output=True)  # fmt: skip
     res = apppot("run", "--backend", backend, "--image", name, "--discard-disk", "--", "sh", "-c",
                  "echo staged > /root/x && cat /root/x", cwd=job_dir)  # fmt: skip
@@ -249,7 +249,7 @@ def test_qcow2_overlay_given_to_uml_says_which_url_to_use(tiny_image, job_dir):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", tiny_image, job_dir / "disk"],
                    check=True)  # fmt: skip
     res = apppot("run", "--image", job_dir / "disk", "--", "true", cwd=job_dir)
-    assert res.returncode == 125 and "format=uml" in res.stderr
+    assert res.returncode == 125 and "format=uml-cow" in res.stderr
 
 
 def test_guest_planting_symlinks_and_fifos_in_the_control_dir(backend, tiny_image, job_dir, open_tmp):
