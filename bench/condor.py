@@ -112,6 +112,8 @@ def by_version_section(version: str, suite: str, row: str) -> str:
 
 apppot's added time per vanilla job on each HTCondor series this project is tested on: the medians of
 `bench/condor.py` (see "HTCondor jobs" for the method) against the personal pool of that series.
+The pools cannot run at once (same ports), so each row is its own run on a shared 2-core machine:
+compare the two jobs within a row, not rows with each other.
 
 | HTCondor (Debian suite) | plain job | apppot job | apppot adds | date | reproduce |
 |---|---|---|---|---|---|
