@@ -98,6 +98,7 @@ TEST_IMAGES = $(APPPOT_CACHE)/test-images
 bench: venv uml-kernel
 	$(PY) bench/staging.py
 	$(PY) bench/boot.py --tiny $$(ls -t $(TEST_IMAGES)/tiny-*.img | head -1) --debian $$(ls -t $(TEST_IMAGES)/debian-*.img | head -1)
+	$(PY) bench/boot.py --launch --tiny $$(ls -t $(TEST_IMAGES)/tiny-*.img | head -1) -n 15
 	$(PY) bench/io.py --image $$(ls -t $(TEST_IMAGES)/debian-*.img | head -1)
 	$(PY) bench/snap.py
 	$(PY) bench/condor.py

@@ -1,4 +1,4 @@
-"""apppot's caches on this host: extracted boot files, the KVM probe, lpj and digest memos.
+"""apppot's caches on this host: extracted boot files, the KVM probe and digest memos.
 
 Looked up in order: $APPPOT_CACHE (what `make` exports), /var/cache/apppot (an admin's, shared), the
 user's $XDG_CACHE_HOME/apppot (or ~/.cache/apppot); new entries go to the first writable one.

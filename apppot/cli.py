@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,7 +83,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         walltime_s=args.walltime,
         grace_s=args.grace,
         kernel=args.kernel,
-        vm_id=args.vm_id or f"apppot.{socket.gethostname()}.{os.getpid()}",
+        vm_id=args.vm_id or f"apppot.{os.uname().nodename}.{os.getpid()}",
         extra_args=tuple(args.extra),
         changes=args.changes.absolute() if args.changes else None,
         changes_force=args.force_changes,

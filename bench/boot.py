@@ -2,6 +2,7 @@
 """Boot-to-exit latency of `apppot run -- true` per backend and image; prints a markdown table.
 
 Usage: .venv/bin/python bench/boot.py --tiny TINY.img --debian DEBIAN.img [-n 5]
+       .venv/bin/python bench/boot.py --launch --tiny TINY.img [--kernel K]... [-n 10]   (phases, UML)
 The tiny image has no kernel of its own: for qemu/libvirt it boots the Debian image's kernel and
 initramfs (APPPOT_VM_KERNEL/APPPOT_VM_INITRD, as the tests do). libvirtd must be running for the
 libvirt rows (they are skipped otherwise). Guest clocks tick every 10 ms under UML and TCG.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -41,12 +43,93 @@ def run_once(argv: list[str], job: Path, env: dict[str, str]) -> tuple[float, fl
     return (job / "started").stat().st_mtime_ns / 1e9 - t0, wall
 
 
+LAUNCH_JOB = ["sh", "-c", ": > started; read -r up _ </proc/uptime; echo $up > uptime; dmesg > dmesg"]
+_INIT_RE = re.compile(r"\[ *([0-9.]+)\] Run /sbin/apppot-init as init process")
+
+
+def launch_once(argv: list[str], job: Path, env: dict[str, str]) -> dict[str, float]:
+    """One `apppot run --debug` of LAUNCH_JOB, split into phases on the host clock: apppot's own
+    start-up until it starts the kernel (the moment its `+ KERNEL ...` debug line arrives on the
+    pipe), the kernel until the job's first instruction, and in the guest's own clock (10 ms ticks)
+    the kernel until it runs init."""
+    for name in ("started", "uptime", "dmesg"):
+        (job / name).unlink(missing_ok=True)
+    t0 = time.time()
+    proc = subprocess.Popen([*argv, *LAUNCH_JOB], cwd=job, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stderr is not None
+    t_exec = None
+    for line in proc.stderr:
+        if t_exec is None and line.startswith("apppot: + "):
+            t_exec = time.time()
+    if proc.wait() != 0 or t_exec is None:
+        raise SystemExit(f"{argv}: exit {proc.returncode}")
+    wall = time.time() - t0
+    first = (job / "started").stat().st_mtime_ns / 1e9 - t0
+    m = _INIT_RE.search((job / "dmesg").read_text())
+    return {"apppot start-up (python, imports, COW) -> kernel exec": t_exec - t0,
+            "kernel exec -> first job instruction": first - (t_exec - t0),
+            "  of which kernel boot -> init (guest clock)": float(m.group(1)) if m else float("nan"),
+            "  of which -> first instruction (guest uptime)": float((job / "uptime").read_text()),
+            "launch -> first job instruction": first,
+            "launch -> exit": wall}  # fmt: skip
+
+
+def launch_main(args: argparse.Namespace) -> int:
+    """--launch: the phases of `apppot run` on the tiny image under UML, per kernel, in one run;
+    --baseline DIR adds the same for another checkout of apppot (its own tiny image and kernel)."""
+    # apppot as installed: byte-compiled (a warm-up run writes the .pyc files)
+    base_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    rows = [(f"this checkout, {k}", REPO, k, args.tiny.absolute())
+            for k in args.kernel or [kernel.find_uml_kernel(notice=False)]]  # fmt: skip
+    with tempfile.TemporaryDirectory() as job, tempfile.TemporaryDirectory() as tmp:
+        if args.baseline:
+            tiny = Path(tmp, "baseline-tiny.img")
+            subprocess.run([sys.executable, "-m", "apppot", "build", "--tiny", tiny], check=True, capture_output=True,
+                           env={**base_env, "PYTHONPATH": os.fspath(args.baseline)})  # fmt: skip
+            rows.insert(0, (f"baseline {args.baseline}, {args.baseline_kernel}", args.baseline, args.baseline_kernel, tiny))
+        print(f"n={args.n}; load before: {os.getloadavg()[0]:.2f}; medians in s; "
+              f"python3 -I -c pass: {_python_floor(args.n):.3f} s\n")  # fmt: skip
+        results = []
+        for label, repo, k, tiny in rows:
+            env = {**base_env, "PYTHONPATH": os.fspath(repo)}
+            argv = [sys.executable, "-m", "apppot", "--debug", "run", "--backend", "uml", "--kernel", os.fspath(k),
+                    "--image", os.fspath(tiny), "-X", "printk.time=1", "--"]  # fmt: skip
+            launch_once(argv, Path(job), env)  # warm caches, write .pyc files
+            results.append([launch_once(argv, Path(job), env) for _ in range(args.n)])
+    print("| phase | " + " | ".join(label for label, *_ in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for phase in results[0][0]:
+        print(f"| {phase} | " + " | ".join(f"{statistics.median(r[phase] for r in runs):.3f}"
+                                          for runs in results) + " |")  # fmt: skip
+    return 0
+
+
+def _python_floor(n: int) -> float:
+    """The interpreter's own start-up, the floor under apppot's."""
+    walls = []
+    for _ in range(n):
+        t0 = time.time()
+        subprocess.run([sys.executable, "-I", "-c", "pass"], check=True)
+        walls.append(time.time() - t0)
+    return statistics.median(walls)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", type=Path, required=True)
-    p.add_argument("--debian", type=Path, required=True)
+    p.add_argument("--debian", type=Path)
     p.add_argument("-n", type=int, default=5)
+    p.add_argument("--launch", action="store_true", help="only the phases of a UML launch of the tiny image")
+    p.add_argument("--kernel", type=Path, action="append", help="with --launch: UML kernels to compare (repeatable)")
+    p.add_argument("--baseline", type=Path, help="with --launch: another apppot checkout to compare against")
+    p.add_argument("--baseline-kernel", type=Path, default=Path("/usr/local/lib/apppot/linux"),
+                   help="with --baseline: its UML kernel (default: %(default)s)")
     args = p.parse_args()
+    if args.launch:
+        return launch_main(args)
+    if args.debian is None:
+        p.error("--debian is required (except with --launch)")
     with tempfile.TemporaryDirectory() as d:
         kit = bootfiles.find_boot_files(Disk(args.debian.absolute(), "raw", None, "qcow2", True), kernel=None,
                                    initrd=None, rundir=Path(d))  # fmt: skip

@@ -2,7 +2,7 @@
 """Sequential write/read throughput to the job dir and to the root disk inside each backend vs the
 host, in one run; prints a markdown table.
 
-Usage: .venv/bin/python bench/io.py --image DEBIAN.img [--mib 256] [-n 3]
+Usage: .venv/bin/python bench/io.py --image DEBIAN.img [--mib 256] [-n 3] [--backend uml] [--kernel K]...
 Inside the guest: `dd if=/dev/zero of=F bs=1M count=MIB conv=fsync` (write), then drop the page
 cache and `dd if=F of=/dev/null bs=1M` (read), timed with /proc/uptime (10 ms ticks under UML/TCG).
 The job dir is hostfs (UML) or virtio-9p (qemu, libvirt); the root disk is a UML COW file or a
@@ -38,8 +38,9 @@ done
 """
 
 
-def guest_run(backend: str, image: Path, job: Path, mib: int) -> dict[str, tuple[float, float]]:
+def guest_run(backend: str, image: Path, job: Path, mib: int, kernel: Path | None = None) -> dict[str, tuple[float, float]]:
     argv = [sys.executable, "-m", "apppot", "run", "--backend", backend, "--image", os.fspath(image), "--mem", "256M",
+            *(["--kernel", os.fspath(kernel)] if kernel else []),
             "--", "sh", "-c", f"MIB={mib}\n{GUEST}", "io", "/home/user/job", "/root"]  # fmt: skip
     res = subprocess.run(argv, cwd=job, env={**os.environ, "PYTHONPATH": os.fspath(REPO)}, capture_output=True,
                          text=True, check=False)  # fmt: skip
@@ -71,20 +72,26 @@ def main() -> int:
     p.add_argument("--image", type=Path, required=True, help="an image with a kernel (apppot build --debian)")
     p.add_argument("--mib", type=int, default=256)
     p.add_argument("-n", type=int, default=3)
+    p.add_argument("--backend", action="append", choices=("uml", "qemu", "libvirt"),
+                   help="only these backends (repeatable; default: every usable one)")
+    p.add_argument("--kernel", type=Path, action="append",
+                   help="UML kernels to compare, a row pair each (repeatable; default: the one apppot finds)")
     args = p.parse_args()
     mb = args.mib * 1.048576
     rows: list[tuple[str, str, list[tuple[float, float]]]] = []
     with tempfile.TemporaryDirectory(dir="/var/tmp") as job:
         os.chmod(job, 0o755)
         rows.append(("host", "same file system", [host_run(Path(job), args.mib) for _ in range(args.n)]))
-        for backend in ("uml", "qemu", "libvirt"):
+        for backend in args.backend or ("uml", "qemu", "libvirt"):
             if get_backend(backend).unavailable_reason():
                 continue
-            runs = [guest_run(backend, args.image.absolute(), Path(job), args.mib) for _ in range(args.n)]
-            fs = "hostfs" if backend == "uml" else "9p"
-            disk = "UML COW" if backend == "uml" else "qcow2 overlay"
-            rows.append((backend, f"job dir ({fs})", [r["/home/user/job"] for r in runs]))
-            rows.append((backend, f"root disk ({disk})", [r["/root"] for r in runs]))
+            for k in (args.kernel or [None]) if backend == "uml" else [None]:
+                runs = [guest_run(backend, args.image.absolute(), Path(job), args.mib, k) for _ in range(args.n)]
+                fs = "hostfs" if backend == "uml" else "9p"
+                disk = "UML COW" if backend == "uml" else "qcow2 overlay"
+                label = f"{backend} ({k})" if k else backend
+                rows.append((label, f"job dir ({fs})", [r["/home/user/job"] for r in runs]))
+                rows.append((label, f"root disk ({disk})", [r["/root"] for r in runs]))
     host_w = mb / statistics.median(w for w, _ in rows[0][2])
     host_r = mb / statistics.median(r for _, r in rows[0][2])
     print(f"{args.mib} MiB, median of {args.n}\n")

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import socket
 import struct
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -17,6 +16,7 @@ from apppot.errors import ApppotError
 from apppot.job import BackendKind, JobSpec
 
 MCONSOLE_MAGIC, MCONSOLE_VERSION = 0xCAFEBABE, 2
+GUEST_JOB_DIR = "/home/user/job"  # where apppot-init expects the job dir (JOB= there)
 PAGE = 4096
 
 
@@ -25,7 +25,6 @@ class UmlBoot:
     """What prepare() found for plan()."""
 
     kernel: Path
-    lpj: int | None  # loops_per_jiffy measured on this host (kernel.lpj_for), skips calibration
 
 
 class UmlBackend:
@@ -45,7 +44,7 @@ class UmlBackend:
 
     def prepare(self, spec: JobSpec, rundir: Path) -> UmlBoot:
         kernel_path = kernel.find_uml_kernel(spec.kernel or self.kernel_path)
-        boot = UmlBoot(kernel_path, kernel.lpj_for(kernel_path))
+        boot = UmlBoot(kernel_path)
         assert spec.disk.layer is not None
         if spec.disk.layer_format != "uml-cow":
             raise ApppotError(
@@ -69,7 +68,9 @@ class UmlBackend:
             "con=null", "ssl=null",
             "con0=fd:0,fd:1" if spec.interactive else "con0=null,fd:1",
             "quiet", "panic=-1",
-            *([f"lpj={boot.lpj}"] if boot.lpj else []),  # measured on this host (kernel.lpj_for)
+            # apppot's kernel mounts /proc and the job dir before init (kernel/patches/0005): two
+            # fork+execs of mount(8) less in the guest; other kernels ignore it, apppot-init mounts
+            f"apppot.jobmount={GUEST_JOB_DIR}",
             "APPPOT_JOBFS=hostfs",
             *spec.extra_args,
         ]  # fmt: skip
@@ -117,6 +118,8 @@ def check_memory(memory_mib: int, memdir: Path) -> None:
 
 def mconsole(sock_path: Path, command: str, *, timeout_s: float = 2.0) -> str:
     """Send one command to a UML instance's management console and return its reply."""
+    import socket  # only to stop a VM: not on every launch's import path
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind("\0apppot-mconsole-" + os.urandom(6).hex())  # abstract address: nothing to clean up
         s.settimeout(timeout_s)
