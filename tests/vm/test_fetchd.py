@@ -258,7 +258,7 @@ def test_plugin_url_form_stages_over_the_cache_and_uml_boots_it(nginx, service, 
     assert (job_dir / "tiny").stat().st_blocks * 512 < 1 << 20  # a sparse layer, not a copy
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(apppot, "run", "--image", job_dir / "tiny", "--", "sh", "-c", "sleep 2; echo hi; exit 7",
-                          cwd=job_dir, user=JOB_UID, env={**env, "APPPOT_CACHE": os.environ.get("APPPOT_CACHE", "")})
+                          cwd=job_dir, user=JOB_UID, env={**env, "APPPOT_CACHE": os.environ.get("APPPOT_CACHE", "")})  # fmt: skip
         deadline = time.monotonic() + 30
         while not imagecache.in_use(os.fspath(entry)):  # held for the guest's life
             assert not run.done() and time.monotonic() < deadline, run.result().stderr if run.done() else "no hold"
@@ -281,3 +281,24 @@ def test_plugin_url_form_wrong_digest_fails_the_transfer_naming_both(nginx, serv
     assert rc == 1 and not ads[0]["TransferSuccess"]
     assert actual in ads[0]["TransferError"] and wrong in ads[0]["TransferError"]
     assert f.entries() == set() and not (open_tmp / "sb" / "w").exists()
+
+
+def test_apppot_images_prefetches_and_lists_resident_and_cached(nginx, service, images, plugin_env, open_tmp):
+    _, sha = publish(nginx, "pre.img", 2 * MiB)
+    f = service()
+    env = {**plugin_env, "APPPOT_CACHE_DIR": os.fspath(f.root), "APPPOT_FETCHD_SOCKET": os.fspath(f.sock)}
+    res = apppot("images", "--prefetch", nginx.url("pre.img"), "--sha256", sha, cwd=open_tmp, env=env, user=JOB_UID)
+    assert res.returncode == 0 and f"cached\t{sha}\t{f.root}/sha256/{sha}" in res.stdout, res.stderr
+    fd = imagecache.hold(os.fspath(f.root / "sha256" / sha))
+    try:
+        res = apppot("images", cwd=open_tmp, env=env, user=JOB_UID)
+    finally:
+        os.close(fd)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(ln.startswith("base\traw\t4194304\t") for ln in lines), lines  # resident, with its sizes
+    (cached,) = [ln.split("\t") for ln in lines if ln.startswith("sha256:")]
+    assert cached[:3] == [f"sha256:{sha}", "pre.img", str(2 * MiB)] and cached[4] == "in use"
+    assert cached[5] == nginx.url("pre.img")
+    res = apppot("images", "--prefetch", nginx.url("pre.img"), cwd=open_tmp, env=env)
+    assert res.returncode != 0 and "--sha256" in res.stderr
