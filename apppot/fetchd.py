@@ -190,7 +190,14 @@ class Service:
                 with os.fdopen(fd, "wb") as f:
                     f.truncate(offset)
                     f.seek(offset)
+                    size = offset
                     while chunk := resp.read(1 << 20):
+                        size += len(chunk)
+                        if size > self.budget:  # a server that sends more than it announced, or no end
+                            f.close()
+                            os.unlink(part)
+                            raise ApppotError(f"{url} sent more than the cache budget ({self.budget} bytes)",
+                                              hint="raise APPPOT_CACHE_BUDGET, or check the URL")  # fmt: skip
                         h.update(chunk)
                         f.write(chunk)
                     f.flush()

@@ -302,3 +302,33 @@ def test_apppot_images_prefetches_and_lists_resident_and_cached(nginx, service, 
     assert cached[5] == nginx.url("pre.img")
     res = apppot("images", "--prefetch", nginx.url("pre.img"), cwd=open_tmp, env=env)
     assert res.returncode != 0 and "--sha256" in res.stderr
+
+
+def test_a_server_sending_past_the_budget_is_cut_off(nginx, service):
+    _, sha = publish(nginx, "big.img", 3 * MiB)
+    f = service(budget="2M")
+    with pytest.raises(ApppotError, match="larger than this node's cache budget"):  # announced: refused at once
+        f.get(nginx.url("big.img"), sha)
+    assert os.listdir(f.root / "partial") == [] and f.entries() == set()
+    # A server that announces no length and sends more: cut off at the budget (nginx always sends one,
+    # so a raw socket server plays the hostile one)
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+            try:
+                for _ in range(8):
+                    conn.sendall(os.urandom(MiB))
+            except OSError:
+                pass  # the service hung up: what we want
+
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(ApppotError, match="sent more than the cache budget"):
+        f.get(f"http://127.0.0.1:{srv.getsockname()[1]}/endless", sha)
+    srv.close()
+    assert os.listdir(f.root / "partial") == [] and f.entries() == set()
