@@ -332,3 +332,26 @@ def test_a_server_sending_past_the_budget_is_cut_off(nginx, service):
         f.get(f"http://127.0.0.1:{srv.getsockname()[1]}/endless", sha)
     srv.close()
     assert os.listdir(f.root / "partial") == [] and f.entries() == set()
+
+
+def test_a_job_holding_an_entry_exclusively_does_not_stall_other_jobs(nginx, service, plugin_env, open_tmp):
+    """Any reader can flock a file: another job user's LOCK_EX on an entry must not hang the plugin."""
+    _, sha = publish(nginx, "x.img", MiB)
+    f = service()
+    entry = f.get(nginx.url("x.img"), sha)["path"]
+    locker = subprocess.Popen(as_user(JOB_UID + 1, [sys.executable, "-c", (
+        f"import fcntl, sys, time; fd = open({entry!r}, 'rb'); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)")]), stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        env = {**plugin_env, "APPPOT_CACHE_DIR": os.fspath(f.root), "APPPOT_FETCHD_SOCKET": os.fspath(f.sock)}
+        t0 = time.monotonic()
+        rc, ads, err = run_plugin(env, open_tmp / "sb", [(f"apppot://x?sha256={sha}&format=uml-cow", "x")],
+                                  unprivileged=True)  # fmt: skip
+        assert rc == 0 and ads[0]["TransferSuccess"], (ads, err)
+        assert time.monotonic() - t0 < 10
+        assert ads[0]["DeveloperData"]["BaseImage"] == entry  # sha256= alone: found in the cache
+    finally:
+        locker.kill()
+        locker.wait()
+    assert len(nginx.gets("x.img")) == 1
