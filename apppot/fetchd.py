@@ -338,9 +338,15 @@ def serve(argv: list[str] | None = None) -> int:
         return 1
 
     class Handler(socketserver.StreamRequestHandler):
+        timeout = 10  # for the request line: a client that connects and says nothing does not keep a thread
+
         def handle(self) -> None:
             pid, uid, gid = struct.unpack("3i", self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            line = self.rfile.readline(MAX_LINE)
+            try:
+                line = self.rfile.readline(MAX_LINE)
+            except OSError:
+                logger.info("pid %d uid %d sent no request within %d s", pid, uid, self.timeout)
+                return
             try:
                 req = json.loads(line)
                 if not isinstance(req, dict):

@@ -355,3 +355,13 @@ def test_a_job_holding_an_entry_exclusively_does_not_stall_other_jobs(nginx, ser
         locker.kill()
         locker.wait()
     assert len(nginx.gets("x.img")) == 1
+
+
+def test_a_silent_client_is_dropped(service):
+    f = service()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(os.fspath(f.sock))
+        s.settimeout(20)
+        assert s.recv(1) == b""  # the service hung up on us (after its 10 s)
+    assert "sent no request within 10 s" in f.logfile.read_text()
+    assert fetchd.request("list", socket=os.fspath(f.sock))["ok"]
