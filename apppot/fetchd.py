@@ -385,6 +385,12 @@ def serve(argv: list[str] | None = None) -> int:
 
     def reconfig(signum: int, frame: object) -> None:  # condor_reconfig: the budget may have changed
         try:
+            from apppot.knobs import bindings
+
+            bindings()[0].reload_config()
+        except Exception:  # noqa: BLE001 -- no bindings (tests, a node without them): the environment decides
+            pass
+        try:
             service.budget, service.grace = imagecache.budget_bytes(), imagecache.grace_s()
             logger.info("reconfigured: budget %d bytes, grace %g s", service.budget, service.grace)
         except ApppotError as e:

@@ -365,3 +365,22 @@ def test_a_silent_client_is_dropped(service):
         assert s.recv(1) == b""  # the service hung up on us (after its 10 s)
     assert "sent no request within 10 s" in f.logfile.read_text()
     assert fetchd.request("list", socket=os.fspath(f.sock))["ok"]
+
+
+def test_sighup_rereads_the_budget_from_the_condor_config(service, open_tmp):
+    """condor_reconfig reaches a non-DaemonCore daemon as SIGHUP: the new budget applies without a restart."""
+    conf = open_tmp / "condor_config"
+    conf.write_text("APPPOT_CACHE_BUDGET = 1G\n")
+    conf.chmod(0o644)
+    f = service()
+    f.kill()
+    del f.env["APPPOT_CACHE_BUDGET"]  # the knob from HTCondor's config, as on a node
+    f.env["CONDOR_CONFIG"] = os.fspath(conf)
+    f.start()
+    conf.write_text("APPPOT_CACHE_BUDGET = 5M\n")
+    f.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reconfigured: budget 5242880 bytes" not in f.logfile.read_text():
+        assert time.monotonic() < deadline, f.logfile.read_text()
+        time.sleep(0.05)
+    assert "budget 1073741824 bytes" in f.logfile.read_text()  # what it started with
