@@ -80,7 +80,7 @@ def test_the_drop_in_as_htcondor_reads_it(tmp_path):
     conf.write_text(f"LOG = /var/log/condor\nDAEMON_LIST = MASTER, STARTD\nSTARTD_ENVIRONMENT = A=1\n"
                     f"LOCAL_CONFIG_DIR = {dest}/etc/condor/config.d\n")  # fmt: skip
     code = ("import htcondor2 as h; print('|'.join(h.param[k] for k in ('DAEMON_LIST', 'APPPOT_FETCHD', "
-            "'APPPOT_FETCHD_SOCKET', 'STARTD_ENVIRONMENT', 'APPPOT_FETCHD_LOG', 'APPPOT_CACHE_BUDGET')))")
+            "'APPPOT_FETCHD_SOCKET', 'STARTD_ENVIRONMENT', 'APPPOT_FETCHD_LOG', 'APPPOT_CACHE_BUDGET')))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CONDOR_CONFIG": os.fspath(conf)},
                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     daemons, fetchd_path, sock, startd_env, log, budget = out.split("|")
