@@ -10,15 +10,26 @@ Paths: jobs are resolved by the schedd/shadow *inside* the pool, so a non-spoole
 the same path on the host and in the pool).  Spooled jobs (``spool=True``) may use any host
 directory: input is sent to the schedd and output retrieved back into it.
 
+Two execute points: the chroot pool runs two startds, ``nodea`` and ``nodeb`` (their slot ads say
+``PoolNode``), each with its own image directory and image cache (``pool.nodes``); the tiny image is on
+both, so a job may land on either. A test that needs an image on one node puts it there itself.
+
+``http_server``: a real nginx on 127.0.0.1 serving a directory, with an access log that records each
+request's Range header (the image cache's downloads).
+
 Needs root (the pool is a chroot); deselect with ``-m "not condor"``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import os
 import pathlib
 import shlex
+import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Mapping
@@ -76,6 +87,22 @@ def _parse_env(text: str) -> dict[str, str]:
     return env
 
 
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One execute point of the pool (scripts/personal-pool: NODES, node_images, node_cache)."""
+
+    name: str                  # its PoolNode and STARTD_NAME: slot names are slot1@NAME@host
+    image_dir: pathlib.Path    # host path of its APPPOT_IMAGE_PATH
+    cache_dir: pathlib.Path    # host path of its APPPOT_CACHE_DIR
+
+
+def node_of(ad) -> str | None:
+    """The node a job ran on (or runs on), from its RemoteHost/LastRemoteHost "slot1_1@nodea@host"."""
+    host = ad.get("RemoteHost") or ad.get("LastRemoteHost") or ""
+    parts = str(host).split("@")
+    return parts[1] if len(parts) == 3 else None
+
+
 class Pool:
     """Handle on the running personal pool."""
 
@@ -93,7 +120,12 @@ class Pool:
         self.test_user = env.get("TEST_USER", "tester")
         self.test_uid = int(env.get("TEST_UID", "2000"))
         self.log_dir = self.root / "var/log/condor"
-        self.image_dir = self.root / "var/lib/apppot/images"
+        lib = self.root / "var/lib/apppot"
+        self.nodes = {
+            "nodea": Node("nodea", lib / "images", lib / "cache"),
+            "nodeb": Node("nodeb", lib / "nodeb/images", lib / "nodeb/cache"),
+        }
+        self.image_dir = self.nodes["nodea"].image_dir  # what 50-apppot.conf sets for any node
         self.schedd = htcondor2.Schedd()
         self.collector = htcondor2.Collector()
         self._seq = itertools.count()
@@ -127,8 +159,22 @@ class Pool:
         """The startd's slot ads (MyType "Machine"), as the collector has them."""
         return self.collector.query(self.htcondor.AdType.Startd, projection=list(projection))
 
+    def slot_ad(self, node: str, attrs=(), predicate=lambda ad: True, timeout: float = 0):
+        """NODE's partitionable slot ad, once predicate(ad) holds (waits up to timeout s; the startd
+        re-advertises every few seconds); fails with what it saw."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ads = [a for a in self.startd_ads(["Name", "SlotType", "PoolNode", *attrs])
+                   if a.get("SlotType") != "Dynamic" and a.get("PoolNode") == node]  # fmt: skip
+            if ads and predicate(ads[0]):
+                return ads[0]
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{node}'s slot ad never satisfied the check within {timeout}s: "
+                            f"{[dict(a) for a in ads]}; {self.logs_hint()}")
+            time.sleep(0.5)
+
     def logs_hint(self) -> str:
-        return (f"see {self.log_dir}/{{SchedLog,ShadowLog,StartLog,StarterLog.slot1_*,VMGahpLog}}"
+        return (f"see {self.log_dir}/{{SchedLog,ShadowLog,StartLog.node*,StarterLog.slot*,VMGahpLog}}"
                 if self.mode == "chroot" else "see the HTCondor log directory (condor_config_val LOG)")
 
     # -- submit ------------------------------------------------------------------------
@@ -287,3 +333,115 @@ def pool():
         # exit()s the whole pytest process (silently losing its buffered report).
         if not was_up:
             _script("down", timeout=180)
+
+
+# --- a real HTTP server ---------------------------------------------------------------------------------
+
+NGINX_CONF = """\
+# written by tests/condor/conftest.py: a static server on 127.0.0.1 only, for the image cache's downloads
+daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    log_format ranges '$remote_addr "$request" $status $body_bytes_sent range="$http_range"';
+    access_log {prefix}/access.log ranges;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    types {{ }}
+    default_type application/octet-stream;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port};
+        root {prefix}/www;
+    }}
+}}
+"""
+
+
+class HttpServer:
+    """nginx serving ``docroot`` at ``url(NAME)``; ``requests(NAME)`` are the access log's lines for it."""
+
+    def __init__(self, prefix: pathlib.Path, port: int):
+        self.prefix, self.port = prefix, port
+        self.docroot = prefix / "www"
+        self.access_log = prefix / "access.log"
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def publish(self, name: str, data_or_path: bytes | pathlib.Path) -> str:
+        """Put a file in the docroot (world-readable: the workers run as nobody); returns its URL."""
+        target = self.docroot / name
+        if isinstance(data_or_path, bytes):
+            target.write_bytes(data_or_path)
+        else:
+            try:  # same file system: no copy of a GiB image
+                os.link(data_or_path, target)
+            except OSError:
+                shutil.copyfile(data_or_path, target)
+        target.chmod(0o644)
+        return self.url(name)
+
+    def requests(self, name: str) -> list[str]:
+        """The access log's lines for GET /NAME (nginx writes each when the response ended)."""
+        if not self.access_log.exists():
+            return []
+        return [line for line in self.access_log.read_text().splitlines() if f'"GET /{name} ' in line]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def start_nginx(prefix: pathlib.Path):
+    """nginx (Debian's nginx-light, `make deps`) in the foreground with its own config, logs and docroot
+    under PREFIX, listening on 127.0.0.1 only; stopped (TERM, then KILL) on exit."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(nginx):
+        pytest.fail("nginx is not installed (make deps installs nginx-light)")
+    for d in ("www", "tmp"):
+        (prefix / d).mkdir(parents=True, exist_ok=True)
+    prefix.chmod(0o755)
+    (prefix / "www").chmod(0o755)
+    port = _free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port))
+    log = (prefix / "nginx.out").open("ab")
+    proc = subprocess.Popen([nginx, "-p", os.fspath(prefix), "-c", os.fspath(conf), "-e", os.fspath(prefix / "error.log")],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"nginx did not listen on 127.0.0.1:{port}: {(prefix / 'error.log').read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+        yield HttpServer(prefix, port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def http_server(pool):
+    """nginx for the session, its prefix in the pool's shared dir (world-traversable, unlike pytest's
+    tmp dirs: nginx's workers run as nobody)."""
+    prefix = pool.shared_dir / f"nginx.{os.getpid()}"
+    with start_nginx(prefix) as server:
+        yield server
+    shutil.rmtree(prefix, ignore_errors=True)
