@@ -339,8 +339,8 @@ def pool():
 
 NGINX_CONF = """\
 # written by tests/condor/conftest.py: a static server on 127.0.0.1 only, for the image cache's downloads
+# (the master runs as root, as the tests do; its worker serves as nobody)
 daemon off;
-master_process off;
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log info;
