@@ -1,0 +1,64 @@
+"""The image cache's bookkeeping (apppot/imagecache.py) on a tmp dir: budgets, LRU eviction, holds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from apppot import fetchd, imagecache
+from apppot.errors import ApppotError
+
+
+@pytest.mark.parametrize(("text", "size"), [("20G", 20 << 30), ("512M", 512 << 20), ("1048576", 1 << 20)])
+def test_parse_budget(text, size):
+    assert imagecache.parse_budget(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "-1G", "0"])
+def test_parse_budget_refuses_nonsense(text):
+    with pytest.raises(ApppotError, match="APPPOT_CACHE_BUDGET"):
+        imagecache.parse_budget(text)
+
+
+def make_entry(root: Path, n: int, size: int, last_use: float) -> str:
+    digest = f"{n:064x}"
+    for sub in ("sha256", "meta"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "sha256" / digest).write_bytes(b"x" * size)
+    imagecache.write_meta(os.fspath(root), digest, name=f"img{n}", last_use=last_use)
+    return digest
+
+
+def test_evict_lru_idle_until_under_budget_skipping_held_and_recent(tmp_path):
+    root = os.fspath(tmp_path)
+    old, held, mid, recent = (make_entry(tmp_path, n, 100, t) for n, t in ((1, 1000), (2, 1100), (3, 1200), (4, 1950)))
+    fd = imagecache.hold(imagecache.entry_path(root, held))
+    try:
+        # 400 bytes + 150 needed, budget 300: old goes, held is skipped, mid goes; recent is in its grace
+        removed = imagecache.evict(root, 300, need=150, grace=100, now=2000)
+        assert imagecache.in_use(imagecache.entry_path(root, held))
+    finally:
+        os.close(fd)
+    assert removed == [old, mid]
+    assert {e["sha256"] for e in imagecache.entries(root)} == {held, recent}
+    assert not Path(imagecache.meta_path(root, old)).exists()
+    assert not imagecache.in_use(imagecache.entry_path(root, held))
+
+
+def test_nothing_evicted_under_budget(tmp_path):
+    make_entry(tmp_path, 1, 100, 0)
+    assert imagecache.evict(os.fspath(tmp_path), 1000, need=900, grace=0) == []
+
+
+def test_digest_of_entry(tmp_path):
+    assert imagecache.digest_of_entry(f"/c/sha256/{'a' * 64}") == "a" * 64
+    assert imagecache.digest_of_entry(f"/c/images/{'a' * 64}") is None
+    assert imagecache.digest_of_entry("/c/sha256/debian.img") is None
+
+
+def test_request_without_a_service_says_how_to_start_it(tmp_path):
+    with pytest.raises(ApppotError) as e:
+        fetchd.request("list", socket=os.fspath(tmp_path / "none.sock"), timeout=1)
+    assert "not running" in str(e.value) and "APPPOT_FETCHD" in str(e.value)

@@ -1,0 +1,235 @@
+"""The node's image cache with real parts: Debian's nginx on 127.0.0.1 and a real fetch service process,
+started as root and dropping to an unprivileged service account, as condor_master runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from apppot import fetchd, imagecache
+from apppot.errors import ApppotError
+from tests.conftest import JOB_UID, REPO, as_user
+from tests.httpserver import Nginx
+
+SERVICE_UID = 4646  # the condor account the service drops to (CONDOR_IDS)
+FETCHD = REPO / "plugins" / "apppot_fetchd"
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the fetch service drops root: needs root")
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Fetchd:
+    """A running apppot_fetchd process on a cache dir of its own."""
+
+    def __init__(self, root: Path, *, budget: str = "1G", grace: int = 600) -> None:
+        self.root, self.sock = root / "cache", root / "cache" / "fetchd.sock"
+        self.env = {**os.environ, "CONDOR_CONFIG": "/dev/null", "PYTHONPATH": os.fspath(REPO),
+                    "APPPOT_CACHE_DIR": os.fspath(self.root), "APPPOT_CACHE_BUDGET": budget,
+                    "APPPOT_CACHE_GRACE": str(grace), "CONDOR_IDS": f"{SERVICE_UID}.{SERVICE_UID}",
+                    "APPPOT_FETCHD_LOG": os.fspath(root / "log" / "fetchd.log")}  # fmt: skip
+        self.logfile = root / "log" / "fetchd.log"
+        self.logfile.parent.mkdir(exist_ok=True)  # like HTCondor's LOG: the condor account's
+        os.chown(self.logfile.parent, SERVICE_UID, SERVICE_UID)
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, FETCHD, "-f"], env=self.env, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 15
+        while not self.listening():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"apppot_fetchd exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            assert time.monotonic() < deadline, "apppot_fetchd did not create its socket"
+            time.sleep(0.05)
+
+    def listening(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(os.fspath(self.sock))
+                return True
+            except OSError:  # not there yet, or a killed service's stale socket
+                return False
+
+    def get(self, url: str | None, sha: str, *, timeout: float = 60, name: str = "img") -> dict:
+        return fetchd.request("get", socket=os.fspath(self.sock), timeout=timeout, name=name, url=url, sha256=sha)
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+        self.proc.wait(10)
+
+    def entries(self) -> set[str]:
+        return set(os.listdir(self.root / "sha256"))
+
+
+@pytest.fixture
+def nginx(open_tmp: Path):
+    n = Nginx(open_tmp / "nginx")
+    yield n
+    n.stop()
+
+
+@pytest.fixture
+def service(open_tmp: Path):
+    made: list[Fetchd] = []
+
+    def make(**kw: object) -> Fetchd:
+        made.append(Fetchd(open_tmp, **kw))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for f in made:
+        if f.proc.poll() is None:
+            f.kill()
+
+
+def publish(nginx: Nginx, name: str, size: int) -> tuple[bytes, str]:
+    data = os.urandom(size)
+    (nginx.www / name).write_bytes(data)
+    return data, digest(data)
+
+
+def test_eight_concurrent_gets_one_download(nginx, service):
+    _, sha = publish(nginx, "img8", 4 * MiB)
+    f = service()
+    with ThreadPoolExecutor(8) as pool:  # /slow/: ~2 s, all 8 ask while the first is downloading
+        replies = list(pool.map(lambda _: f.get(nginx.url("img8", slow=True), sha), range(8)))
+    path = f.root / "sha256" / sha
+    assert {r["path"] for r in replies} == {os.fspath(path)}
+    assert len(nginx.gets("img8")) == 1, nginx.log()
+    assert digest(path.read_bytes()) == sha
+    st = path.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (SERVICE_UID, 0o444)  # dropped root before writing
+    assert "request from pid" in f.logfile.read_text() and "uid 0" in f.logfile.read_text()  # SO_PEERCRED
+
+
+def test_interrupted_download_resumes_with_range(nginx, service):
+    data, sha = publish(nginx, "imgr", 8 * MiB)
+    f = service()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(f.get, nginx.url("imgr", slow=True), sha)
+        part = f.root / "partial" / f"{sha}.part"
+        deadline = time.monotonic() + 20
+        while not (part.exists() and part.stat().st_size >= 2 * MiB):
+            assert time.monotonic() < deadline and not pending.done()
+            time.sleep(0.05)
+        f.kill(signal.SIGKILL)  # the node's service dies mid-download
+        with pytest.raises(ApppotError):
+            pending.result()
+    have = part.stat().st_size
+    assert 0 < have < len(data) and f.entries() == set()
+    f.start()
+    assert f.get(nginx.url("imgr"), sha)["path"] == os.fspath(f.root / "sha256" / sha)
+    assert digest((f.root / "sha256" / sha).read_bytes()) == sha
+    first, second = nginx.gets("imgr")
+    assert second.split()[4] == "206" and 'range="bytes=' in second, second
+    assert int(second.split('range="bytes=')[1].split("-")[0]) == have
+    assert second.split()[4:6] == ["206", str(len(data) - have)]  # only the rest came over the wire
+    assert not part.exists()
+
+
+def test_wrong_digest_names_both_and_caches_nothing(nginx, service):
+    _, actual = publish(nginx, "imgw", MiB)
+    wrong = "ab" * 32
+    f = service()
+    with pytest.raises(ApppotError) as e:
+        f.get(nginx.url("imgw"), wrong)
+    assert actual in str(e.value) and wrong in str(e.value) and "sha256sum" in str(e.value)
+    assert f.entries() == set() and os.listdir(f.root / "partial") == []
+    assert not (f.root / "meta" / f"{wrong}.json").exists()
+
+
+def test_only_http_urls_and_a_digest_are_accepted(service, open_tmp):
+    f = service()
+    secret = open_tmp / "secret"
+    secret.write_bytes(b"root's")
+    with pytest.raises(ApppotError, match="only http"):
+        f.get(f"file://{secret}", digest(b"root's"))
+    with pytest.raises(ApppotError, match="sha256sum"):
+        f.get("http://127.0.0.1:9/x", "not-a-digest")
+    with pytest.raises(ApppotError, match="no image with sha256"):
+        f.get(None, "cd" * 32)
+    assert f.entries() == set()
+
+
+def test_a_job_user_cannot_place_or_swap_an_entry(nginx, service, open_tmp):
+    good, sha = publish(nginx, "imgt", MiB)
+    f = service()
+    path = f.get(nginx.url("imgt"), sha)["path"]
+    fake = open_tmp / "fake"
+    fake.write_bytes(os.urandom(MiB))
+    fake.chmod(0o644)
+    sub = f.root / "sha256"
+    attacks = [  # each as the job's unprivileged user, each must fail
+        f"cp {fake} {sub}/{'ef' * 32}",  # place an entry for a digest another job will ask for
+        f"cp {fake} {path}",  # overwrite the entry in place
+        f"mv {fake} {path}",  # swap it (rename over)
+        f"rm -f {path}",
+        f"ln -s {fake} {sub}/{'ef' * 32}",
+        f"cp {fake} {f.root}/partial/{'ef' * 32}.part",  # plant a part the service would resume
+        f"chmod 666 {path}",
+        f"echo '{{}}' > {f.root}/meta/{sha}.json",
+        f"rm -f {f.sock}",
+    ]
+    for cmd in attacks:
+        res = subprocess.run(as_user(JOB_UID, ["sh", "-c", cmd]), capture_output=True, text=True)
+        assert res.returncode != 0, f"a job user could: {cmd}"
+    assert digest(Path(path).read_bytes()) == sha and f.entries() == {sha}
+    # Through the service, a job user cannot make it cache other bytes under a digest either.
+    res = subprocess.run(as_user(JOB_UID, [sys.executable, "-c", (
+        "import sys; from apppot import fetchd; "
+        f"fetchd.request('get', socket={os.fspath(f.sock)!r}, url={nginx.url('imgt')!r}, sha256={'ef' * 32!r})")]),
+        env=f.env, capture_output=True, text=True)  # fmt: skip
+    assert res.returncode != 0 and sha in res.stderr and "ef" * 32 in res.stderr
+    assert f.entries() == {sha}
+    assert f"uid {JOB_UID}" in f.logfile.read_text()  # who asked is in the service's log
+
+
+def test_refuses_a_cache_others_can_write(open_tmp):
+    root = open_tmp / "cache"
+    root.mkdir()
+    root.chmod(0o777)
+    os.chown(root, SERVICE_UID, SERVICE_UID)
+    with pytest.raises(RuntimeError, match="writable by others"):
+        Fetchd(open_tmp)
+
+
+def test_eviction_lru_idle_goes_held_entry_stays(nginx, service):
+    (_, a), (_, b), (_, c) = (publish(nginx, n, 3 * MiB) for n in ("ea", "eb", "ec"))
+    f = service(budget="7M", grace=0)
+    pa = f.get(nginx.url("ea"), a)["path"]
+    time.sleep(0.01)
+    f.get(nginx.url("eb"), b)
+    fd = imagecache.hold(pa)  # a job boots A, the least recently used
+    try:
+        f.get(nginx.url("ec"), c)  # 9M > 7M: A is LRU but held, so B goes
+        assert f.entries() == {a, c}
+        assert "evicted " + b in f.logfile.read_text()
+    finally:
+        os.close(fd)
+    time.sleep(0.01)
+    f.get(nginx.url("eb"), b)  # A is idle and least recently used now
+    assert f.entries() == {b, c}
+    listed = fetchd.request("list", socket=os.fspath(f.sock))["entries"]
+    assert {e["sha256"] for e in listed} == {b, c} and all(e["size"] == 3 * MiB for e in listed)
+
+
+def test_waiting_client_times_out_clearly(nginx, service):
+    _, sha = publish(nginx, "imgs", 8 * MiB)
+    f = service()
+    with pytest.raises(ApppotError, match="did not answer within 0.5 s") as e:
+        f.get(nginx.url("imgs", slow=True), sha, timeout=0.5)
+    assert "APPPOT_FETCH_TIMEOUT" in str(e.value)
+    assert f.get(nginx.url("imgs", slow=True), sha)["path"]  # the download went on; one GET in all
+    assert len(nginx.gets("imgs")) == 1
