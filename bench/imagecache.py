@@ -28,7 +28,7 @@ sys.path.insert(0, os.fspath(REPO / "scripts"))
 from perfdoc import write_section  # noqa: E402
 from pool import POOL, pool_env  # noqa: E402
 
-from tests.condor.conftest import start_nginx  # noqa: E402
+from tests.httpserver import Nginx  # noqa: E402
 
 SECTION = "## Images on demand"
 TEMPLATE = REPO / "submit_templates" / "apppot-vanilla.sub"
@@ -119,9 +119,10 @@ def main() -> int:
             return "\n".join(lines)
 
         work.mkdir(mode=0o755)
-        with start_nginx(work / "nginx") as server:
+        server = Nginx(work / "nginx")
+        try:
             print("making the 1 GiB image", flush=True)
-            image = work / "nginx" / "www" / "big.img"
+            image = server.www / "big.img"
             digest = make_image(root / "var/lib/apppot/images/tiny.img", image, GIB)
             url = urllib.parse.quote(server.url("big.img"), safe="")
             cmd = "/bin/true"
@@ -181,7 +182,9 @@ def main() -> int:
                     nodes[n] = nodes.get(n, 0) + 1
                 rates[kind] = (args.jobs / elapsed * 60, nodes)
                 print(f"{args.jobs} {kind} jobs: {elapsed:.1f} s, {rates[kind][0]:.1f} jobs/min, {nodes}", flush=True)
-            downloads = len([ln for ln in server.requests("big.img") if '" 200 ' in ln or '" 206 ' in ln])
+            downloads = len([ln for ln in server.gets("big.img") if '" 200 ' in ln or '" 206 ' in ln])
+        finally:
+            server.stop()
     finally:
         if digest:  # the bench's image leaves the nodes' caches as an admin would remove it
             for cache in caches.values():

@@ -13,16 +13,10 @@ node that holds it already (the templates' rank). Read-only: a directory listing
 from __future__ import annotations
 
 import os
-import re
 import stat
 import sys
 
-from apppot import store
-from apppot.knobs import condor_param
-
-CACHE_KNOB = "APPPOT_CACHE_DIR"
-CACHE_DEFAULT = "/var/lib/apppot/cache"
-_HEX = re.compile(r"[0-9a-f]{64}")
+from apppot import imagecache, store
 
 
 def listable(name: str) -> bool:
@@ -35,17 +29,16 @@ def cached_digests(cache_dir: str) -> list[str]:
     """"sha256:HEX" of each complete entry in CACHE_DIR/sha256/ (the fetch service renames an entry
     there only once verified). Anything else there -- a name that is no digest, a symlink, a directory
     -- is not an entry and not advertised."""
-    entries = os.path.join(cache_dir, "sha256")
     try:
-        names = os.listdir(entries)
+        names = os.listdir(os.path.join(cache_dir, "sha256"))
     except OSError:  # no cache (yet): nothing cached
         return []
     digests = []
     for name in names:
-        if not _HEX.fullmatch(name):
+        if not imagecache.is_digest(name):
             continue
         try:
-            if stat.S_ISREG(os.lstat(os.path.join(entries, name)).st_mode):
+            if stat.S_ISREG(os.lstat(imagecache.entry_path(cache_dir, name)).st_mode):
                 digests.append(f"sha256:{name}")
         except OSError:  # evicted meanwhile
             continue
@@ -54,8 +47,7 @@ def cached_digests(cache_dir: str) -> list[str]:
 
 def main() -> int:
     names = [n for n in store.list_images(store.image_dirs(env_first=True)) if listable(n)]
-    cache_dir = condor_param(CACHE_KNOB, env_first=True) or CACHE_DEFAULT
-    cached = cached_digests(cache_dir)
+    cached = cached_digests(imagecache.cache_dir())  # the knob APPPOT_CACHE_DIR, the cron job's environment first
     # the output format of a startd cron job: one `Attr = value` per line
     sys.stdout.write(f'HasAppPot = {"true" if names else "false"}\nAppPotImages = "{",".join(names)}"\n'
                      f'AppPotCachedImages = "{",".join(cached)}"\n')  # fmt: skip

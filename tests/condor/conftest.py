@@ -14,22 +14,19 @@ Two execute points: the chroot pool runs two startds, ``nodea`` and ``nodeb`` (t
 ``PoolNode``), each with its own image directory and image cache (``pool.nodes``); the tiny image is on
 both, so a job may land on either. A test that needs an image on one node puts it there itself.
 
-``http_server``: a real nginx on 127.0.0.1 serving a directory, with an access log that records each
-request's Range header (the image cache's downloads).
+``http_server``: a real nginx on 127.0.0.1 (tests/httpserver.py) serving a directory, with an access log
+that records each request's Range header (the image cache's downloads).
 
 Needs root (the pool is a chroot); deselect with ``-m "not condor"``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import os
 import pathlib
 import shlex
-import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Mapping
@@ -337,111 +334,15 @@ def pool():
 
 # --- a real HTTP server ---------------------------------------------------------------------------------
 
-NGINX_CONF = """\
-# written by tests/condor/conftest.py: a static server on 127.0.0.1 only, for the image cache's downloads
-# (the master runs as root, as the tests do; its worker serves as nobody)
-daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    log_format ranges '$remote_addr "$request" $status $body_bytes_sent range="$http_range"';
-    access_log {prefix}/access.log ranges;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    types {{ }}
-    default_type application/octet-stream;
-    sendfile on;
-    server {{
-        listen 127.0.0.1:{port};
-        root {prefix}/www;
-    }}
-}}
-"""
-
-
-class HttpServer:
-    """nginx serving ``docroot`` at ``url(NAME)``; ``requests(NAME)`` are the access log's lines for it."""
-
-    def __init__(self, prefix: pathlib.Path, port: int):
-        self.prefix, self.port = prefix, port
-        self.docroot = prefix / "www"
-        self.access_log = prefix / "access.log"
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
-
-    def publish(self, name: str, data_or_path: bytes | pathlib.Path) -> str:
-        """Put a file in the docroot (world-readable: the workers run as nobody); returns its URL."""
-        target = self.docroot / name
-        if isinstance(data_or_path, bytes):
-            target.write_bytes(data_or_path)
-        else:
-            try:  # same file system: no copy of a GiB image
-                os.link(data_or_path, target)
-            except OSError:
-                shutil.copyfile(data_or_path, target)
-        target.chmod(0o644)
-        return self.url(name)
-
-    def requests(self, name: str) -> list[str]:
-        """The access log's lines for GET /NAME (nginx writes each when the response ended)."""
-        if not self.access_log.exists():
-            return []
-        return [line for line in self.access_log.read_text().splitlines() if f'"GET /{name} ' in line]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def start_nginx(prefix: pathlib.Path):
-    """nginx (Debian's nginx-light, `make deps`) in the foreground with its own config, logs and docroot
-    under PREFIX, listening on 127.0.0.1 only; stopped (TERM, then KILL) on exit."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(nginx):
-        pytest.fail("nginx is not installed (make deps installs nginx-light)")
-    for d in ("www", "tmp"):
-        (prefix / d).mkdir(parents=True, exist_ok=True)
-    prefix.chmod(0o755)
-    (prefix / "www").chmod(0o755)
-    port = _free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port))
-    log = (prefix / "nginx.out").open("ab")
-    proc = subprocess.Popen([nginx, "-p", os.fspath(prefix), "-c", os.fspath(conf), "-e", os.fspath(prefix / "error.log")],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"nginx did not listen on 127.0.0.1:{port}: {(prefix / 'error.log').read_text(errors='replace')[-2000:]}")
-            time.sleep(0.05)
-        yield HttpServer(prefix, port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
 
 @pytest.fixture(scope="session")
 def http_server(pool):
-    """nginx for the session, its prefix in the pool's shared dir (world-traversable, unlike pytest's
-    tmp dirs: nginx's workers run as nobody)."""
-    prefix = pool.shared_dir / f"nginx.{os.getpid()}"
-    with start_nginx(prefix) as server:
+    """nginx for the session (tests/httpserver.py: Debian's nginx-light on 127.0.0.1 only, its own config,
+    docroot and access log with each request's Range header), its directory in the pool's shared dir."""
+    from tests.httpserver import Nginx
+
+    server = Nginx(pool.shared_dir / f"nginx.{os.getpid()}")
+    try:
         yield server
-    shutil.rmtree(prefix, ignore_errors=True)
+    finally:
+        server.stop()
