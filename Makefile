@@ -12,6 +12,8 @@ DESTDIR   ?=
 PYTHON    ?= /usr/bin/python3
 CONDOR_CONFIG_DIR ?= /etc/condor/config.d
 IMAGE_DIR ?= /var/lib/apppot/images
+# the node's image cache (55-apppot-cache.conf); apppot_fetchd creates it as the condor account
+CACHE_DIR ?= /var/lib/apppot/cache
 # caches that survive `git clean`: built kernel and test images
 APPPOT_CACHE ?= /var/cache/apppot
 export APPPOT_CACHE
@@ -129,7 +131,8 @@ install:
 	  chmod 0755 $(DESTDIR)$(PREFIX)/libexec/apppot/$$(basename $$f); \
 	done
 	for f in condor_config.d/*.conf; do \
-	  sed -e '/^#/!s|/usr/local/|$(PREFIX)/|g' -e 's|/var/lib/apppot/images|$(IMAGE_DIR)|g' $$f \
+	  sed -e '/^#/!s|/usr/local/|$(PREFIX)/|g' -e 's|/var/lib/apppot/images|$(IMAGE_DIR)|g' \
+	    -e 's|^APPPOT_CACHE_DIR = .*|APPPOT_CACHE_DIR = $(CACHE_DIR)|' $$f \
 	    > $(DESTDIR)$(CONDOR_CONFIG_DIR)/$$(basename $$f); \
 	done
 	install -m 0644 submit_templates/*.sub $(DESTDIR)$(PREFIX)/share/apppot/submit_templates/

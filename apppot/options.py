@@ -35,7 +35,28 @@ def memory_mib(text: str) -> int:
     return size >> 20
 
 
+_held: list[int] = []  # fds of the cache entries this process boots (closed when it exits)
+
+
+def hold_cached_bases(disk: Disk) -> Disk:
+    """Hold a shared flock on every image-cache entry under the job's disk for this process's life, so
+    the node's fetch service does not evict a base while the guest runs (apppot/imagecache.py)."""
+    from apppot import imagecache
+
+    paths = [disk.base]
+    if disk.base_format == "qcow2":
+        paths += [p for p, _ in store.backing_chain(disk.base, confine=False)]
+    for p in paths:
+        if imagecache.digest_of_entry(os.fspath(p)):
+            _held.append(imagecache.hold(os.fspath(p)))
+    return disk
+
+
 def resolve_disk(image_ref: str | None, apppot: str | None, backend: BackendKind, *, discard: bool) -> Disk:
+    return hold_cached_bases(_resolve_disk(image_ref, apppot, backend, discard=discard))
+
+
+def _resolve_disk(image_ref: str | None, apppot: str | None, backend: BackendKind, *, discard: bool) -> Disk:
     """The job's disk from --image IMG (a raw base, a staged COW layer, or an image NAME) or --apppot
     COW,BASE (a persistent layer), checked for what the backend can boot."""
     if apppot:

@@ -33,11 +33,15 @@ URL_HELP = """\
 URL grammar:
   apppot://NAME[?sha256=HEX][&size=SIZE][&format=qcow2|uml-cow]
   apppot:///ABS/PATH/IMAGE[?...]        (only inside the node's image directories)
+  apppot://NAME?sha256=HEX&from=URL[&...]   (an image the node fetches once into its cache)
 
   NAME     an image in the node's image directories (condor knob APPPOT_IMAGE_PATH, colon-separated;
            the environment variable of the same name when HTCondor's config has none). NAME may
            omit the suffix: apppot://debian finds debian, debian.img, debian.raw or debian.qcow2.
-  sha256   pin the base: the job fails if the node's image has a different sha256.
+  sha256   pin the base: the job fails if the node's image has a different sha256. Without a
+           resident image NAME, the node's image cache is looked up by this digest.
+  from     where the node's fetch service downloads the image (http://, percent-encoded), once per
+           node; sha256= is then required (compute it with: sha256sum IMAGE) and NAME is a label.
   size     grow the overlay's virtual disk, e.g. size=10G (qcow2 only; never shrinks).
   format   qcow2 (default): a qcow2 overlay for the VM universe, qemu or libvirt.
            uml-cow: a User-Mode Linux COW file for `apppot run` (needs a raw base; `uml` is
@@ -71,10 +75,12 @@ class Request:
 class Target:
     """A parsed apppot:// URL."""
 
-    __slots__ = ("ref", "sha256", "size", "format")
+    __slots__ = ("ref", "sha256", "size", "format", "source")
 
-    def __init__(self, ref: str, sha256: str | None = None, size: int | None = None, format: str = "qcow2") -> None:
+    def __init__(self, ref: str, sha256: str | None = None, size: int | None = None, format: str = "qcow2",
+                 source: str | None = None) -> None:  # fmt: skip
         self.ref, self.sha256, self.size, self.format = ref, sha256, size, format
+        self.source = source  # from=URL: fetched into the node's image cache
 
 
 def image_dirs() -> list[str]:
@@ -118,12 +124,21 @@ def parse_url(url: str) -> Target:
         if key in opts:
             raise _bad_spec(url, "an option is given twice")
         opts[key] = value
-    unknown = set(opts) - {"sha256", "size", "format"}
+    unknown = set(opts) - {"sha256", "size", "format", "from"}
     if unknown:
-        raise _bad_spec(url, f"unknown option(s) {', '.join(sorted(unknown))}; known: sha256, size, format")
+        raise _bad_spec(url, f"unknown option(s) {', '.join(sorted(unknown))}; known: sha256, size, format, from")
     sha = opts.get("sha256")
+    if "from" in opts and sha is None:
+        raise TransferFailure(
+            f"bad URL {url!r}: an image fetched with from= needs its sha256= digest: no digest, no download",
+            error_type="Specification", code=errno.EINVAL,
+            hint="compute it with `sha256sum IMAGE` and add &sha256=HEX (apppot submit --image-url URL --sha256 HEX)",
+        )  # fmt: skip
     if sha is not None and not (len(sha) == 64 and set(sha) <= set("0123456789abcdefABCDEF")):
-        raise _bad_spec(url, "sha256 must be 64 hexadecimal digits")
+        raise _bad_spec(url, "sha256 must be 64 hexadecimal digits (compute it with: sha256sum IMAGE)")
+    source = opts.get("from")
+    if source is not None and not source.lower().startswith(("http://", "https://")):
+        raise _bad_spec(url, f"from={source!r} is not an http:// or https:// URL (percent-encode it)")
     fmt = {"uml": "uml-cow"}.get(opts.get("format", "qcow2"), opts.get("format", "qcow2"))  # (its old name)
     if fmt not in ("qcow2", "uml-cow"):
         raise _bad_spec(url, f"format={fmt} is unknown; use format=qcow2 or format=uml-cow")
@@ -137,7 +152,7 @@ def parse_url(url: str) -> Target:
             size = image.parse_size(opts["size"])
         except ApppotError as e:
             raise _bad_spec(url, str(e)) from None
-    return Target(ref=_unquote(ref), sha256=sha.lower() if sha else None, size=size, format=fmt)
+    return Target(ref=_unquote(ref), sha256=sha.lower() if sha else None, size=size, format=fmt, source=source)
 
 
 def _unquote(text: str) -> str:
@@ -158,11 +173,25 @@ def stage(req: Request) -> dict[str, Any]:
     target = parse_url(req.url)
     from apppot import image
 
+    held = None  # a cache entry's fd with its shared flock: eviction skips it while we stage
     try:
-        base_path = store.resolve(target.ref, image_dirs())
+        dirs = image_dirs()
+        if target.source:
+            base_path, held, dirs = cached_base(target)
+        else:
+            try:
+                base_path = store.resolve(target.ref, dirs)
+            except NotFoundError:
+                if not target.sha256:
+                    raise
+                base_path, held, dirs = cached_base(target)  # a digest the node's cache may hold
         base = image.probe_image(base_path)
-        store.backing_chain(base_path, image_dirs())  # a qcow2 base must not build on anything outside the image dirs
+        store.backing_chain(base_path, dirs)  # a qcow2 base must not build on anything outside the image dirs
     except ApppotError as e:
+        if held is not None:
+            os.close(held)
+        if isinstance(e, TransferFailure):
+            raise
         missing, unreadable = isinstance(e, NotFoundError), isinstance(e, UnreadableError)
         raise TransferFailure(
             e.message, hint=e.hint,
@@ -171,11 +200,58 @@ def stage(req: Request) -> dict[str, Any]:
             **({"FailedName": target.ref, "FailureType": "Definitive"} if missing else {}),
             **({"FailureType": "Authorization", "ShouldRefresh": False} if unreadable else {}),
         ) from None  # fmt: skip
+    try:
+        return _stage_on(req, target, base_path, base, verified=held is not None)
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def cached_base(target: Target) -> tuple[Any, int, list[str]]:
+    """The node's cache entry for target.sha256, fetched from target.source if needed by the node's
+    fetch service (the cache's only writer): (path, fd holding it shared, dirs a qcow2 chain may use).
+    The entry was verified while it was downloaded: it is not hashed again per job."""
+    from pathlib import Path
+
+    from apppot import fetchd, imagecache
+
+    try:
+        reply = fetchd.request("get", name=target.ref, url=target.source, sha256=target.sha256)
+    except ApppotError as e:
+        mismatch = target.sha256 in e.message and "not the expected" in e.message
+        raise TransferFailure(
+            e.message, hint=e.hint, error_type="Specification" if mismatch else "Transfer",
+            code=errno.EBADMSG if mismatch else errno.EIO,
+        ) from None  # fmt: skip
+    root = imagecache.cache_dir()
+    path = imagecache.entry_path(root, target.sha256 or "")
+    if reply.get("path") != path:
+        raise TransferFailure(f"the fetch service answered {reply.get('path')!r}, not {path}",
+                              error_type="Transfer", code=errno.EIO,
+                              hint="APPPOT_CACHE_DIR differs between the plugin and apppot_fetchd")  # fmt: skip
+    try:
+        fd = imagecache.hold(path)
+    except OSError as e:  # evicted in between: only after APPPOT_CACHE_GRACE idle seconds, so rare
+        raise TransferFailure(f"cache entry {path}: {os.strerror(e.errno or 0)}", error_type="Transfer",
+                              code=e.errno or errno.EIO, hint="retry the job") from None  # fmt: skip
+    # Only the service's account may have written it: the cache dir's owner, no one else.
+    st, dst = os.fstat(fd), os.stat(os.path.dirname(path))
+    if st.st_uid != dst.st_uid or st.st_mode & 0o022 or dst.st_mode & 0o022:
+        os.close(fd)
+        raise TransferFailure(f"cache entry {path} is writable by others or not the cache owner's: not used",
+                              error_type="Authorization", code=errno.EACCES,
+                              hint="the node's admin must fix the image cache's ownership")  # fmt: skip
+    return Path(path), fd, [*image_dirs(), os.path.dirname(path)]
+
+
+def _stage_on(req: Request, target: Target, base_path: Any, base: Any, *, verified: bool) -> dict[str, Any]:
+    from apppot import image
+
     if base.format not in ("raw", "qcow2"):
         raise TransferFailure(f"base image {base_path} is in {base.format} format, which apppot cannot use",
                               error_type="Specification", code=errno.EINVAL,
                               hint="convert it on the node: qemu-img convert -O raw IMAGE IMAGE.raw")  # fmt: skip
-    if target.sha256:
+    if target.sha256 and not verified:
         actual = image.sha256_of(base_path)
         if actual != target.sha256:
             raise TransferFailure(

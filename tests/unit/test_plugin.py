@@ -314,8 +314,14 @@ def _modules_loaded_by(argv: list[str], env: dict[str, str]) -> set[str]:
 
 # What start-up time buys nothing on the plugin's hot paths (it runs twice per job): issue 15.
 NEVER_FOR_CLASSAD = {"htcondor2", "classad2", "argparse", "dataclasses", "inspect", "pathlib", "typing",
-                     "urllib.parse", "re", "socket", "apppot.image"}  # fmt: skip
-NEVER_FOR_TRANSFER = {"htcondor2", "argparse", "dataclasses", "inspect", "socket", "urllib.parse"}
+                     "urllib.parse", "re", "socket", "apppot.image", "apppot.fetchd", "apppot.imagecache",
+                     "fcntl", "json"}  # fmt: skip
+# A resident image needs neither the fetch service's client nor the cache (issue 13)
+NEVER_FOR_TRANSFER = {"htcondor2", "argparse", "dataclasses", "inspect", "socket", "urllib.parse", "apppot.fetchd",
+                      "apppot.imagecache"}  # fmt: skip
+# The URL form asks the service over a socket, and loads none of the service's own modules
+NEVER_FOR_URL_FORM = {"htcondor2", "argparse", "dataclasses", "inspect", "threading", "socketserver",
+                      "urllib.request", "http.client", "hashlib", "logging"}  # fmt: skip
 
 
 def test_plugin_classad_and_transfer_import_only_what_they_need(plugin_env, images, tmp_path):
@@ -331,6 +337,47 @@ def test_plugin_classad_and_transfer_import_only_what_they_need(plugin_env, imag
     assert (sb / "d").exists() and (sb / "u").exists()
     assert "classad2" in loaded and "apppot.image" in loaded  # requests are parsed by HTCondor's library
     assert loaded & NEVER_FOR_TRANSFER == set()
+    # The URL form, against a service that is not there (the imports are what is measured)
+    sha = sha256_hex(images / "base.img")
+    (sb / "in").write_text(f'[ Url = "apppot://x?sha256={sha}&from=http://127.0.0.1:9/x"; LocalFileName = "{sb}/x" ]')
+    env = {**plugin_env, "APPPOT_FETCHD_SOCKET": os.fspath(tmp_path / "none.sock"),  # as 55-apppot-cache.conf
+           "APPPOT_CACHE_DIR": os.fspath(tmp_path), "APPPOT_FETCH_TIMEOUT": "5"}  # puts them for the startd
+    loaded = _modules_loaded_by(argv, env)
+    assert "apppot.fetchd" in loaded and "socket" in loaded and "not running" in (sb / "out").read_text()
+    assert loaded & NEVER_FOR_URL_FORM == set()
+
+
+def sha256_hex(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_url_without_sha256_is_refused_saying_how_to_get_it(plugin_env, images, tmp_path):
+    rc, ads, _ = run_plugin(plugin_env, tmp_path / "sb", [("apppot://deb?from=http%3A%2F%2Fh%2Fdeb.img", "deb")])
+    assert rc == 1 and not ads[0]["TransferSuccess"]
+    err = ads[0]["TransferError"]
+    assert "sha256=" in err and "no digest, no download" in err and "sha256sum IMAGE" in err
+    assert ads[0]["TransferErrorData"][0]["ErrorType"] == "Specification"
+    assert sandbox_files(tmp_path / "sb") == set()
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("apppot://d?sha256=abc&from=http://h/d", "64 hexadecimal"),
+    (f"apppot://d?sha256={'a' * 64}&from=file:///etc/shadow", "not an http"),
+])  # fmt: skip
+def test_url_form_bad_options(url, why):
+    with pytest.raises(plugin.TransferFailure, match=why):
+        plugin.parse_url(url)
+
+
+def test_url_form_parses():
+    t = plugin.parse_url(f"apppot://deb?sha256={'A' * 64}&from=http%3A%2F%2Fh%3A8080%2Fi%2Fdeb.img&format=uml-cow")
+    assert (t.ref, t.sha256, t.source, t.format) == ("deb", "a" * 64, "http://h:8080/i/deb.img", "uml-cow")
+
+
+def test_digest_not_resident_nor_cached_fails_clearly(plugin_env, images, tmp_path):
+    env = {**plugin_env, "APPPOT_FETCHD_SOCKET": os.fspath(tmp_path / "none.sock")}
+    rc, ads, _ = run_plugin(env, tmp_path / "sb", [(f"apppot://nothere?sha256={'b' * 64}", "d")])
+    assert rc == 1 and "fetch service is not running" in ads[0]["TransferError"]
 
 
 @pytest.mark.parametrize(("text", "expected"), [

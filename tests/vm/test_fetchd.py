@@ -17,7 +17,8 @@ import pytest
 
 from apppot import fetchd, imagecache
 from apppot.errors import ApppotError
-from tests.conftest import JOB_UID, REPO, as_user
+from tests.conftest import JOB_UID, REPO, as_user, run_plugin
+from tests.vm.conftest import apppot
 from tests.httpserver import Nginx
 
 SERVICE_UID = 4646  # the condor account the service drops to (CONDOR_IDS)
@@ -233,3 +234,50 @@ def test_waiting_client_times_out_clearly(nginx, service):
     assert "APPPOT_FETCH_TIMEOUT" in str(e.value)
     assert f.get(nginx.url("imgs", slow=True), sha)["path"]  # the download went on; one GET in all
     assert len(nginx.gets("imgs")) == 1
+
+
+def test_plugin_url_form_stages_over_the_cache_and_uml_boots_it(nginx, service, tiny_image, uml_kernel, job_dir,
+                                                                 plugin_env):  # fmt: skip
+    """The plugin, run as the job's unprivileged user like HTCondor's starter runs it, asks the service;
+    the UML COW layer it writes is backed by the cache entry, and `apppot run` holds that entry while
+    the guest runs."""
+    from urllib.parse import quote
+
+    (nginx.www / "tiny.img").write_bytes(tiny_image.read_bytes())
+    sha = digest(tiny_image.read_bytes())
+    f = service()
+    env = {**plugin_env, "APPPOT_CACHE_DIR": os.fspath(f.root), "APPPOT_FETCHD_SOCKET": os.fspath(f.sock)}
+    url = f"apppot://tiny?sha256={sha}&from={quote(nginx.url('tiny.img'), safe='')}&format=uml-cow"
+    rc, ads, err = run_plugin(env, job_dir, [(url, "tiny")], unprivileged=True)
+    assert rc == 0 and ads[0]["TransferSuccess"] is True, (ads, err)
+    entry = f.root / "sha256" / sha
+    assert ads[0]["DeveloperData"]["BaseImage"] == os.fspath(entry)
+    from apppot.image import read_uml_cow_backing
+
+    assert read_uml_cow_backing(job_dir / "tiny") == entry
+    assert (job_dir / "tiny").stat().st_blocks * 512 < 1 << 20  # a sparse layer, not a copy
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(apppot, "run", "--image", job_dir / "tiny", "--", "sh", "-c", "sleep 2; echo hi; exit 7",
+                          cwd=job_dir, user=JOB_UID, env={**env, "APPPOT_CACHE": os.environ.get("APPPOT_CACHE", "")})
+        deadline = time.monotonic() + 30
+        while not imagecache.in_use(os.fspath(entry)):  # held for the guest's life
+            assert not run.done() and time.monotonic() < deadline, run.result().stderr if run.done() else "no hold"
+            time.sleep(0.05)
+        res = run.result()
+    assert (res.returncode, res.stdout) == (7, "hi\n"), res.stderr
+    assert not imagecache.in_use(os.fspath(entry))
+    # A second job: no second download.
+    rc, ads, err = run_plugin(env, job_dir, [(url, "tiny2")], unprivileged=True)
+    assert rc == 0 and len(nginx.gets("tiny.img")) == 1
+
+
+def test_plugin_url_form_wrong_digest_fails_the_transfer_naming_both(nginx, service, plugin_env, open_tmp):
+    data, actual = publish(nginx, "w.img", MiB)
+    f = service()
+    env = {**plugin_env, "APPPOT_CACHE_DIR": os.fspath(f.root), "APPPOT_FETCHD_SOCKET": os.fspath(f.sock)}
+    wrong = "0" * 64
+    rc, ads, _ = run_plugin(env, open_tmp / "sb", [(f"apppot://w?sha256={wrong}&from={nginx.url('w.img')}", "w")],
+                            unprivileged=True)  # fmt: skip
+    assert rc == 1 and not ads[0]["TransferSuccess"]
+    assert actual in ads[0]["TransferError"] and wrong in ads[0]["TransferError"]
+    assert f.entries() == set() and not (open_tmp / "sb" / "w").exists()
