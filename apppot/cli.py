@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
@@ -131,15 +132,38 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    from apppot import fetchd, imagecache
+
+    if args.prefetch:
+        if not imagecache.is_digest((args.sha256 or "").lower()):
+            raise ApppotError("--prefetch URL needs --sha256 HEX (64 hexadecimal digits)", hint="sha256sum IMAGE")
+        name = args.name or args.prefetch.rstrip("/").rsplit("/", 1)[-1]
+        reply = fetchd.request("prefetch", name=name, url=args.prefetch, sha256=args.sha256.lower())
+        print(f"cached\t{args.sha256.lower()}\t{reply['path']}")
+        return 0
     dirs = store.image_path()
-    if not dirs:
-        raise ApppotError(f"{store.KNOB} is not set", hint="set it in the HTCondor config or the environment")
+    print("# resident images (APPPOT_IMAGE_PATH): name, format, virtual size, file size, modified, path"
+          + (", sha256" if args.digest else ""))  # fmt: skip
     for name in store.list_images(dirs):
         path = store.resolve(name, dirs)
         img = image.probe_image(path)
+        st = path.stat()
         digest = image.sha256_of(path, update_cache=args.digest) if args.digest else ""
-        print(f"{name}\t{img.format}\t{img.virtual_size}\t{path}" + (f"\t{digest}" if digest else ""))
+        print(f"{name}\t{img.format}\t{img.virtual_size}\t{st.st_blocks * 512}\t{_when(st.st_mtime)}\t{path}"
+              + (f"\t{digest}" if digest else ""))  # fmt: skip
+    root = imagecache.cache_dir()
+    print(f"# cached images ({root}): sha256, name, size, last use, in use, url")
+    for e in imagecache.entries(root):
+        print(f"sha256:{e['sha256']}\t{e['name'] or '-'}\t{e['size']}\t{_when(e['last_use'])}\t"
+              f"{'in use' if e['in_use'] else 'idle'}\t{e['url'] or '-'}")  # fmt: skip
+    if not dirs and not os.path.isdir(root):
+        raise ApppotError(f"{store.KNOB} is not set and there is no image cache at {root}",
+                          hint="set APPPOT_IMAGE_PATH / APPPOT_CACHE_DIR in the HTCondor config or the environment")  # fmt: skip
     return 0
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,8 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="say which backends can run on this host, and how to fix the others")
     c.set_defaults(func=cmd_check)
 
-    i = sub.add_parser("images", help="list the node's images (APPPOT_IMAGE_PATH)")
+    i = sub.add_parser("images", help="list the node's images: resident (APPPOT_IMAGE_PATH) and cached (APPPOT_CACHE_DIR)")
     i.add_argument("--digest", action="store_true", help="also print sha256 and cache it in IMAGE.sha256 (admin)")
+    i.add_argument("--prefetch", metavar="URL", help="have the node's fetch service download URL into the cache now")
+    i.add_argument("--sha256", metavar="HEX", help="the --prefetch image's digest (sha256sum IMAGE)")
+    i.add_argument("--name", help="a label for the --prefetch image (default: the URL's file name)")
     i.set_defaults(func=cmd_images)
 
     from apppot import snap

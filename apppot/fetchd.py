@@ -190,7 +190,14 @@ class Service:
                 with os.fdopen(fd, "wb") as f:
                     f.truncate(offset)
                     f.seek(offset)
+                    size = offset
                     while chunk := resp.read(1 << 20):
+                        size += len(chunk)
+                        if size > self.budget:  # a server that sends more than it announced, or no end
+                            f.close()
+                            os.unlink(part)
+                            raise ApppotError(f"{url} sent more than the cache budget ({self.budget} bytes)",
+                                              hint="raise APPPOT_CACHE_BUDGET, or check the URL")  # fmt: skip
                         h.update(chunk)
                         f.write(chunk)
                     f.flush()
@@ -331,9 +338,15 @@ def serve(argv: list[str] | None = None) -> int:
         return 1
 
     class Handler(socketserver.StreamRequestHandler):
+        timeout = 10  # for the request line: a client that connects and says nothing does not keep a thread
+
         def handle(self) -> None:
             pid, uid, gid = struct.unpack("3i", self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            line = self.rfile.readline(MAX_LINE)
+            try:
+                line = self.rfile.readline(MAX_LINE)
+            except OSError:
+                logger.info("pid %d uid %d sent no request within %d s", pid, uid, self.timeout)
+                return
             try:
                 req = json.loads(line)
                 if not isinstance(req, dict):
@@ -371,6 +384,12 @@ def serve(argv: list[str] | None = None) -> int:
         raise SystemExit(0)
 
     def reconfig(signum: int, frame: object) -> None:  # condor_reconfig: the budget may have changed
+        try:
+            from apppot.knobs import bindings
+
+            bindings()[0].reload_config()
+        except Exception:  # noqa: BLE001 -- no bindings (tests, a node without them): the environment decides
+            pass
         try:
             service.budget, service.grace = imagecache.budget_bytes(), imagecache.grace_s()
             logger.info("reconfigured: budget %d bytes, grace %g s", service.budget, service.grace)

@@ -99,12 +99,27 @@ def digest_of_entry(path: str) -> str | None:
     return digest if os.path.basename(head) == "sha256" and is_digest(digest) else None
 
 
+HOLD_WAIT_S = 2.0
+
+
 def hold(path: str) -> int:
     """Open PATH and take a shared flock on it: the entry stays while this fd is open. Returns the fd
-    (close-on-exec: a child does not extend the hold past this process)."""
+    (close-on-exec: a child does not extend the hold past this process).
+
+    Exclusive holders are eviction and in_use(), each for an instant. Any job user can also flock a
+    file it can read, so an exclusive lock held longer is someone's, not eviction's: then we go on
+    without ours rather than hang the job (that holder keeps eviction out as well)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        deadline = time.monotonic() + HOLD_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
         # Evicted between open and flock? Then the name is gone or is another file: say so.
         st, now = os.fstat(fd), os.stat(path)
         if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):

@@ -45,7 +45,10 @@ def hold_cached_bases(disk: Disk) -> Disk:
 
     paths = [disk.base]
     if disk.base_format == "qcow2":
-        paths += [p for p, _ in store.backing_chain(disk.base, confine=False)]
+        try:
+            paths += [p for p, _ in store.backing_chain(disk.base, confine=False)]
+        except ApppotError:
+            pass  # a broken chain: the backend reports it, as before
     for p in paths:
         if imagecache.digest_of_entry(os.fspath(p)):
             _held.append(imagecache.hold(os.fspath(p)))

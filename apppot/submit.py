@@ -66,14 +66,40 @@ def _macro(value: str) -> str:
     return value.replace("$", "$(DOLLAR)")
 
 
-def build_submit(*, image: str, command: Sequence[str], universe: str, memory_mib: int,
+def image_from_url(url: str, sha256: str | None) -> tuple[str, str, str]:
+    """--image-url URL --sha256 HEX -> (NAME, the URL percent-encoded for apppot://NAME?...&from=, HEX).
+    NAME (the sandbox file, a label on the node) is the URL's last path component."""
+    from urllib.parse import quote, urlsplit
+
+    if not url.lower().startswith(("http://", "https://")):
+        raise ApppotError(f"--image-url {url}: give an http:// or https:// URL")
+    if not sha256 or len(sha256) != 64 or set(sha256.lower()) - set("0123456789abcdef"):
+        raise ApppotError("--image-url needs --sha256 HEX (64 hexadecimal digits): no digest, no download",
+                          hint="compute it with: sha256sum IMAGE")  # fmt: skip
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in urlsplit(url).path.rsplit("/", 1)[-1])
+    # Encoded whole (no "/" or "&" left), so HTCondor names the sandbox file after NAME alone.
+    return name.lstrip(".") or "image", quote(url, safe=""), sha256.lower()
+
+
+def build_submit(*, image: str | None, command: Sequence[str], universe: str, memory_mib: int,
                  inputs: Sequence[str], changes: str | None, job_dir: Path, launcher: str = LAUNCHER,
-                 walltime_s: float | None = None) -> Any:  # fmt: skip
+                 walltime_s: float | None = None, image_url: str | None = None,
+                 sha256: str | None = None) -> Any:  # fmt: skip
     """The job as submit_templates/apppot-UNIVERSE.sub describes it, with its variables set from these
     options (the template is the one description: condor_submit and `apppot submit` run the same job).
+    image_url + sha256: an image the execute point fetches into its cache (vanilla only).
     Returns an htcondor2.Submit."""
     htcondor2, classad2 = bindings()
-    if "/" in image or "?" in image or not image:
+    url_macros: dict[str, str] = {}
+    if image_url:
+        if universe != "vanilla":
+            raise ApppotError("--image-url works in the vanilla universe only", hint="drop --universe vm")
+        name, encoded, digest = image_from_url(image_url, sha256)
+        image = image or name
+        url_macros = {"image_url": encoded, "image_sha256": digest}
+    elif sha256:
+        raise ApppotError("--sha256 goes with --image-url", hint="apppot submit --image-url URL --sha256 HEX ...")
+    if image is None or "/" in image or "?" in image or not image:
         raise ApppotError(f"--image {image!r}: give the NAME of an image the execute points hold",
                           hint="condor_status -af AppPotImages lists them")  # fmt: skip
     files = [*inputs, *([changes] if changes else [])]
@@ -88,6 +114,7 @@ def build_submit(*, image: str, command: Sequence[str], universe: str, memory_mi
     macros = {"image": image, "mem": str(memory_mib), "cmd": cmd, "inputs": ", ".join(inputs), "changes": changes,
               "walltime": f"{walltime_s:g}" if walltime_s else None, "launcher": launcher if launcher != LAUNCHER else None}  # fmt: skip
     lines = [f"initialdir = {_macro(os.fspath(job_dir))}"]
+    macros.update(url_macros)
     lines += [f"{k} = {_macro(v)}" for k, v in macros.items() if v]
     return htcondor2.Submit("\n".join(lines) + "\n" + template.read_text())
 
@@ -245,7 +272,10 @@ def add_parser(sub: Any) -> None:
         epilog="Exit status with --wait: the job command's own; 125 if the job was held, removed, or could "
         "not be submitted. Without --wait: 0 once submitted (the cluster id is printed).",
     )  # fmt: skip
-    p.add_argument("--image", required=True, metavar="NAME", help="an image the execute points hold (AppPotImages)")
+    p.add_argument("--image", metavar="NAME", help="an image the execute points hold (AppPotImages)")
+    p.add_argument("--image-url", metavar="URL",
+                   help="an image the execute point fetches once into its cache (with --sha256; vanilla only)")  # fmt: skip
+    p.add_argument("--sha256", metavar="HEX", help="the --image-url image's digest (sha256sum IMAGE)")
     p.add_argument("--universe", choices=("vanilla", "vm"), default="vanilla", help="default: %(default)s")
     p.add_argument("--mem", type=options.memory_mib, default="256M", metavar="SIZE", help="guest memory (default: 256M)")
     p.add_argument("--input", "-i", dest="inputs", action="append", default=[], metavar="FILE",
@@ -272,7 +302,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     job_dir = args.job_dir.resolve()
     if not job_dir.is_dir():
         raise ApppotError(f"job directory {job_dir} does not exist")
-    desc = build_submit(image=args.image, command=command, universe=args.universe, memory_mib=args.mem,
+    if not args.image and not args.image_url:
+        raise ApppotError("give --image NAME or --image-url URL --sha256 HEX")
+    desc = build_submit(image=args.image, image_url=args.image_url, sha256=args.sha256, command=command,
+                        universe=args.universe, memory_mib=args.mem,
                         inputs=args.inputs, changes=args.changes, job_dir=job_dir, launcher=args.launcher,
                         walltime_s=args.walltime)  # fmt: skip
     if args.dry_run:

@@ -93,7 +93,7 @@ def test_template_url_form(two_nodes):
     url = "http%3A%2F%2F127.0.0.1%3A8080%2Fx.img"
     ad = pool.in_pool("condor_submit", "-dry-run", "-", "image=x", f"image_sha256={hexd}", f"image_url={url}",
                       "cmd=true", TEMPLATE.name, cwd=d).stdout  # fmt: skip
-    assert f'TransferInput="apppot://x?sha256={hexd}&from={url}&format=uml-cow"' in ad, ad
+    assert f'TransferInput="apppot://x?format=uml-cow&sha256={hexd}&from={url}"' in ad, ad
     assert f'Rank=ifThenElse(stringListMember("sha256:{hexd}",AppPotCachedImages) =?= true,1,0)' in ad, ad
     assert "Requirements=(AppPotCachedImages =!= undefined)" in ad, ad
     missing = pool.in_pool("condor_submit", "-dry-run", "-", "image=x", f"image_url={url}", TEMPLATE.name,

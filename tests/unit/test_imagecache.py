@@ -62,3 +62,30 @@ def test_request_without_a_service_says_how_to_start_it(tmp_path):
     with pytest.raises(ApppotError) as e:
         fetchd.request("list", socket=os.fspath(tmp_path / "none.sock"), timeout=1)
     assert "not running" in str(e.value) and "APPPOT_FETCHD" in str(e.value)
+
+
+def test_the_drop_in_as_htcondor_reads_it(tmp_path):
+    """make install puts 55-apppot-cache.conf next to 50-apppot.conf; HTCondor's own config parser sees the
+    fetch service in DAEMON_LIST at its installed path, and the plugin's knobs in the startd's environment."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    dest = tmp_path / "dest"
+    subprocess.run(["make", "-s", "-C", REPO, "install", f"DESTDIR={dest}", "PREFIX=/opt/x", "CACHE_DIR=/srv/c"],
+                   check=True, capture_output=True)  # fmt: skip
+    assert os.access(dest / "opt/x/libexec/apppot/apppot_fetchd", os.X_OK)
+    conf = tmp_path / "condor_config"
+    conf.write_text(f"LOG = /var/log/condor\nDAEMON_LIST = MASTER, STARTD\nSTARTD_ENVIRONMENT = A=1\n"
+                    f"LOCAL_CONFIG_DIR = {dest}/etc/condor/config.d\n")  # fmt: skip
+    code = ("import htcondor2 as h; print('|'.join(h.param[k] for k in ('DAEMON_LIST', 'APPPOT_FETCHD', "
+            "'APPPOT_FETCHD_SOCKET', 'STARTD_ENVIRONMENT', 'APPPOT_FETCHD_LOG', 'APPPOT_CACHE_BUDGET')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CONDOR_CONFIG": os.fspath(conf)},
+                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    daemons, fetchd_path, sock, startd_env, log, budget = out.split("|")
+    assert "APPPOT_FETCHD" in daemons.replace(",", " ").split() and "STARTD" in daemons
+    assert fetchd_path == "/opt/x/libexec/apppot/apppot_fetchd"
+    assert sock == "/srv/c/fetchd.sock" and log == "/var/log/condor/ApppotFetchdLog"
+    assert "APPPOT_CACHE_DIR=/srv/c" in startd_env and "APPPOT_FETCHD_SOCKET=/srv/c/fetchd.sock" in startd_env
+    assert "A=1" in startd_env and imagecache.parse_budget(budget) == 20 << 30

@@ -162,6 +162,30 @@ def test_vanilla_job_is_the_template_with_its_variables(tmp_path: Path) -> None:
     assert _job(tmp_path, "vanilla", ["true"], launcher="/opt/x/bin/apppot").expand("executable") == "/opt/x/bin/apppot"
 
 
+def test_image_url_job_fetches_into_the_node_cache(tmp_path: Path) -> None:
+    sha = "ab" * 32
+    job = _job(tmp_path, "vanilla", ["true"], image=None, image_url="http://h:8080/imgs/deb 12.img?v=1", sha256=sha.upper())
+    enc = "http%3A%2F%2Fh%3A8080%2Fimgs%2Fdeb%2012.img%3Fv%3D1"
+    assert job.expand("transfer_input_files") == f"apppot://deb_12.img?format=uml-cow&sha256={sha}&from={enc}, run.sh, "
+    assert job.expand("arguments").startswith('"run --image deb_12.img ')
+    assert "AppPotImages" not in job.expand("requirements")
+    from apppot import plugin  # and the plugin reads back what the template wrote
+
+    t = plugin.parse_url(job.expand("transfer_input_files").split(",")[0])
+    assert (t.ref, t.sha256, t.source, t.format) == ("deb_12.img", sha, "http://h:8080/imgs/deb 12.img?v=1", "uml-cow")
+
+
+@pytest.mark.parametrize(("kw", "why"), [
+    ({"image_url": "http://h/i.img"}, "sha256sum IMAGE"),
+    ({"image_url": "http://h/i.img", "sha256": "abc"}, "64 hexadecimal"),
+    ({"image_url": "ftp://h/i.img", "sha256": "a" * 64}, "http://"),
+    ({"sha256": "a" * 64}, "goes with --image-url"),
+])  # fmt: skip
+def test_image_url_needs_a_digest(tmp_path: Path, kw, why) -> None:
+    with pytest.raises(ApppotError, match=why):
+        _job(tmp_path, "vanilla", ["true"], **kw)
+
+
 def test_vm_job_is_the_template_with_its_variables(tmp_path: Path) -> None:
     job = _job(tmp_path, "vm", ["sh", "-c", 'echo "a  b" $X'], walltime_s=600, changes=None)
     assert job.expand("MY.AppPotCommand") == classad2.quote("sh -c 'echo \"a  b\" $X'")
