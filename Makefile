@@ -18,7 +18,8 @@ CACHE_DIR ?= /var/lib/apppot/cache
 APPPOT_CACHE ?= /var/cache/apppot
 export APPPOT_CACHE
 
-# What a pristine Debian 12 (debootstrap minbase + python3-venv, make, git) lacks. gcc + libc6-dev:
+# What a pristine Debian 12 (debootstrap minbase + python3-venv, make, git) lacks. nginx-light: the HTTP
+# server the condor tests fetch images from (tests/condor/conftest.py http_server). gcc + libc6-dev:
 # pip builds libvirt-python from source. kernel/build-uml-kernel installs its own build tools.
 APT_PACKAGES := python3-dev python3-venv gcc libc6-dev libvirt-dev pkg-config \
 	qemu-utils qemu-system-x86 user-mode-linux busybox-static debootstrap e2fsprogs \

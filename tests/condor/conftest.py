@@ -10,11 +10,19 @@ Paths: jobs are resolved by the schedd/shadow *inside* the pool, so a non-spoole
 the same path on the host and in the pool).  Spooled jobs (``spool=True``) may use any host
 directory: input is sent to the schedd and output retrieved back into it.
 
+Two execute points: the chroot pool runs two startds, ``nodea`` and ``nodeb`` (their slot ads say
+``PoolNode``), each with its own image directory and image cache (``pool.nodes``); the tiny image is on
+both, so a job may land on either. A test that needs an image on one node puts it there itself.
+
+``http_server``: a real nginx on 127.0.0.1 (tests/httpserver.py) serving a directory, with an access log
+that records each request's Range header (the image cache's downloads).
+
 Needs root (the pool is a chroot); deselect with ``-m "not condor"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import pathlib
@@ -76,6 +84,22 @@ def _parse_env(text: str) -> dict[str, str]:
     return env
 
 
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One execute point of the pool (scripts/personal-pool: NODES, node_images, node_cache)."""
+
+    name: str                  # its PoolNode and STARTD_NAME: slot names are slot1@NAME@host
+    image_dir: pathlib.Path    # host path of its APPPOT_IMAGE_PATH
+    cache_dir: pathlib.Path    # host path of its APPPOT_CACHE_DIR
+
+
+def node_of(ad) -> str | None:
+    """The node a job ran on (or runs on), from its RemoteHost/LastRemoteHost "slot1_1@nodea@host"."""
+    host = ad.get("RemoteHost") or ad.get("LastRemoteHost") or ""
+    parts = str(host).split("@")
+    return parts[1] if len(parts) == 3 else None
+
+
 class Pool:
     """Handle on the running personal pool."""
 
@@ -93,7 +117,12 @@ class Pool:
         self.test_user = env.get("TEST_USER", "tester")
         self.test_uid = int(env.get("TEST_UID", "2000"))
         self.log_dir = self.root / "var/log/condor"
-        self.image_dir = self.root / "var/lib/apppot/images"
+        lib = self.root / "var/lib/apppot"
+        self.nodes = {
+            "nodea": Node("nodea", lib / "images", lib / "cache"),
+            "nodeb": Node("nodeb", lib / "nodeb/images", lib / "nodeb/cache"),
+        }
+        self.image_dir = self.nodes["nodea"].image_dir  # what 50-apppot.conf sets for any node
         self.schedd = htcondor2.Schedd()
         self.collector = htcondor2.Collector()
         self._seq = itertools.count()
@@ -127,8 +156,22 @@ class Pool:
         """The startd's slot ads (MyType "Machine"), as the collector has them."""
         return self.collector.query(self.htcondor.AdType.Startd, projection=list(projection))
 
+    def slot_ad(self, node: str, attrs=(), predicate=lambda ad: True, timeout: float = 0):
+        """NODE's partitionable slot ad, once predicate(ad) holds (waits up to timeout s; the startd
+        re-advertises every few seconds); fails with what it saw."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ads = [a for a in self.startd_ads(["Name", "SlotType", "PoolNode", *attrs])
+                   if a.get("SlotType") != "Dynamic" and a.get("PoolNode") == node]  # fmt: skip
+            if ads and predicate(ads[0]):
+                return ads[0]
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{node}'s slot ad never satisfied the check within {timeout}s: "
+                            f"{[dict(a) for a in ads]}; {self.logs_hint()}")
+            time.sleep(0.5)
+
     def logs_hint(self) -> str:
-        return (f"see {self.log_dir}/{{SchedLog,ShadowLog,StartLog,StarterLog.slot1_*,VMGahpLog}}"
+        return (f"see {self.log_dir}/{{SchedLog,ShadowLog,StartLog.node*,StarterLog.slot*,VMGahpLog}}"
                 if self.mode == "chroot" else "see the HTCondor log directory (condor_config_val LOG)")
 
     # -- submit ------------------------------------------------------------------------
@@ -287,3 +330,19 @@ def pool():
         # exit()s the whole pytest process (silently losing its buffered report).
         if not was_up:
             _script("down", timeout=180)
+
+
+# --- a real HTTP server ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def http_server(pool):
+    """nginx for the session (tests/httpserver.py: Debian's nginx-light on 127.0.0.1 only, its own config,
+    docroot and access log with each request's Range header), its directory in the pool's shared dir."""
+    from tests.httpserver import Nginx
+
+    server = Nginx(pool.shared_dir / f"nginx.{os.getpid()}")
+    try:
+        yield server
+    finally:
+        server.stop()

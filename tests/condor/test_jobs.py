@@ -42,9 +42,11 @@ def apppot_pool(pool):
     while True:
         ads = [a for a in pool.startd_ads(["SlotType", "HasAppPot", "AppPotImages", "HasAppPotVM", "APPPOT_LAUNCHER",
                                            "APPPOT_VM_POST"]) if a.get("SlotType") != "Dynamic"]  # fmt: skip
-        if (ads and ads[0].get("HasAppPot") is True and IMAGE in str(ads[0].get("AppPotImages", "")).split(",")
-                and ads[0].get("APPPOT_LAUNCHER") == f"{prefix}/bin/apppot"
-                and ads[0].get("APPPOT_VM_POST") == f"{prefix}/libexec/apppot/apppot_vm_post"):  # fmt: skip
+        # every node: a job may land on either
+        if (len(ads) >= (len(pool.nodes) if pool.mode == "chroot" else 1)
+                and all(a.get("HasAppPot") is True and IMAGE in str(a.get("AppPotImages", "")).split(",")
+                        and a.get("APPPOT_LAUNCHER") == f"{prefix}/bin/apppot"
+                        and a.get("APPPOT_VM_POST") == f"{prefix}/libexec/apppot/apppot_vm_post" for a in ads)):  # fmt: skip
             return pool
         if time.monotonic() > deadline:
             pytest.fail(f"the startd never advertised AppPotImages with {IMAGE!r} and apppot under {prefix}: "

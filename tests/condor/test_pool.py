@@ -77,21 +77,30 @@ def test_startd_has_vm_universe(pool):
 
 def test_startd_hands_the_image_path_to_its_plugins(pool):
     """50-apppot.conf puts APPPOT_IMAGE_PATH into STARTD_ENVIRONMENT: the startd (and so its starters and
-    the plugin) carries the knob's value, and the plugin needs no HTCondor bindings to read it."""
-    knob = pool.in_pool("condor_config_val", "APPPOT_IMAGE_PATH").stdout.strip()
-    assert knob
+    the plugin) carries the knob's value, and the plugin needs no HTCondor bindings to read it. In the
+    chroot pool each of the two startds carries its own node's value (70-apppot-two-nodes.conf)."""
     root = os.path.realpath(pool.root)
+    environs = {}  # local name ("" without one) -> the startd's environment
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if (pathlib.Path(f"/proc/{pid}/comm").read_text().strip() == "condor_startd"
                     and os.path.realpath(f"/proc/{pid}/root") == root):  # fmt: skip
-                environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                break
+                argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                local = argv[argv.index("-local-name") + 1] if "-local-name" in argv else ""
+                environs[local] = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-    else:
+    if not environs:
         pytest.fail(f"no condor_startd running in {root}")
-    assert f"APPPOT_IMAGE_PATH={knob}".encode() in environ
+    if pool.mode == "chroot":
+        assert sorted(environs) == [n.upper() for n in sorted(pool.nodes)]
+    for local, environ in environs.items():
+        ctx = ["-subsystem", "STARTD", "-local-name", local] if local else []
+        knob = pool.in_pool("condor_config_val", *ctx, "APPPOT_IMAGE_PATH").stdout.strip()
+        assert knob
+        if local:
+            assert knob == "/" + os.fspath(pool.nodes[local.lower()].image_dir.relative_to(pool.root))
+        assert f"APPPOT_IMAGE_PATH={knob}".encode() in environ, (local, environ)
 
 
 def test_installed_package_is_byte_compiled_for_the_nodes_python(pool):

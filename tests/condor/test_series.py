@@ -20,8 +20,9 @@ pytestmark = pytest.mark.condor
 IMAGE = "tiny"
 
 
-def slot_images(pool) -> list[str]:
-    ads = [a for a in pool.startd_ads(["SlotType", "AppPotImages"]) if a.get("SlotType") != "Dynamic"]
+def slot_images(pool, node: str = "nodea") -> list[str]:
+    ads = [a for a in pool.startd_ads(["SlotType", "PoolNode", "AppPotImages"])
+           if a.get("SlotType") != "Dynamic" and a.get("PoolNode") == node]  # fmt: skip
     return str(ads[0].get("AppPotImages", "")).split(",") if ads else []
 
 
@@ -50,7 +51,8 @@ def test_plugin_startd_attrs_reach_the_starter_ad(pool):
 def test_startd_cron_advertises_images_added_later(pool):
     """An image dropped into the image directory shows up in the slot ad without condor_reconfig, so
     not through the plugin (asked only at start-up and reconfig): the startd cron job published it.
-    That is the path a 23.0 LTS node, whose starter drops plugin StartdAttrs, relies on."""
+    That is the path a 23.0 LTS node, whose starter drops plugin StartdAttrs, relies on. Node A's image
+    directory: node B's ad never lists it (each node's cron job lists its own directory)."""
     name = f"cronprobe{os.getpid()}"
     probe = pool.image_dir / f"{name}.img"
     wait_for(pool, f"{IMAGE} in the slot ad", lambda: IMAGE in slot_images(pool), timeout=60)
@@ -60,6 +62,8 @@ def test_startd_cron_advertises_images_added_later(pool):
     try:
         wait_for(pool, f"the new image {name} in the slot ad", lambda: name in slot_images(pool))
         assert IMAGE in slot_images(pool)
+        time.sleep(4)  # a cron period (APPPOT_IMAGES_PERIOD = 3 in the pool)
+        assert IMAGE in slot_images(pool, "nodeb") and name not in slot_images(pool, "nodeb")
     finally:
         probe.unlink()
     wait_for(pool, f"the removed image {name} gone from the slot ad", lambda: name not in slot_images(pool))
