@@ -7,6 +7,7 @@ socket, one JSON line per request and per reply:
     {"op":"get","name":N,"url":U,"sha256":H}  -> {"ok":true,"path":".../sha256/H"} | {"ok":false,"error":E,"hint":X}
     {"op":"prefetch", ...}                     = get
     {"op":"list"}                              -> {"ok":true,"entries":[...]}
+    {"op":"digest","path":P}                   -> {"ok":true,"sha256":H}   (P: a resident image)
 
 One download per digest (others wait for it), HTTP Range resume of the .part, sha256 computed while
 streaming, atomic rename into place, least recently used idle entries evicted before each download.
@@ -86,6 +87,8 @@ class Service:
         self.downloads: dict[str, Any] = {}  # digest -> threading.Event of the one download in flight
         self.errors: dict[str, ApppotError] = {}
         self.Event = threading.Event
+        self.hashing: dict[str, Any] = {}  # resident image -> threading.Lock: one hash per image at a time
+        self.Lock = threading.Lock
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
@@ -98,7 +101,40 @@ class Service:
             if url is not None and not isinstance(url, str) or name is not None and not isinstance(name, str):
                 raise ApppotError("url and name must be strings")
             return {"ok": True, "path": self.get(str(digest).lower() if digest else "", url, (name or "")[:200])}
-        raise ApppotError(f"unknown op {op!r}", hint="ops: get, prefetch, list")
+        if op == "digest":
+            if not isinstance(req.get("path"), str):
+                raise ApppotError("path must be a string")
+            return {"ok": True, "sha256": self.digest(req["path"])}
+        raise ApppotError(f"unknown op {op!r}", hint="ops: get, prefetch, list, digest")
+
+    def digest(self, path: str) -> str:
+        """A resident image's sha256 for a pinned job, hashed once per version of the image (its stat) and
+        recorded in the cache's digests/, which only this service writes: a job user can neither forge the
+        record nor make every job hash a multi-GB base again. Only files inside the node's image directories."""
+        import hashlib
+        import json
+
+        from apppot import image, store
+
+        real = os.path.realpath(store.resolve(path, store.image_dirs()))
+        record = os.path.join(self.root, "digests", hashlib.sha256(real.encode()).hexdigest() + ".json")
+        with self.lock:
+            lock = self.hashing.setdefault(real, self.Lock())
+        with lock, open(real, "rb") as f:
+            key = image.stat_key(os.fstat(f.fileno()))
+            try:
+                with open(record) as r:
+                    entry = json.load(r)
+                if entry["stat"] == key:
+                    return str(entry["sha256"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            self.log(f"hashing {real} (a new version, or none recorded)")
+            digest = image.hash_file(f)
+            from pathlib import Path
+
+            image.write_atomically(Path(record), json.dumps({"path": real, "stat": key, "sha256": digest}).encode())
+        return digest
 
     def get(self, digest: str, url: str | None, name: str) -> str:
         import time
@@ -260,7 +296,7 @@ def service_account() -> tuple[int, int]:
 def prepare_dirs(root: str, uid: int, gid: int) -> None:
     """As root: the cache dir and its sub-dirs exist and belong to the service account."""
     os.makedirs(root, mode=0o755, exist_ok=True)
-    for sub, mode in (("", 0o755), ("sha256", 0o755), ("meta", 0o755), ("partial", 0o700)):
+    for sub, mode in (("", 0o755), ("sha256", 0o755), ("meta", 0o755), ("digests", 0o755), ("partial", 0o700)):
         d = os.path.join(root, sub)
         os.makedirs(d, mode=mode, exist_ok=True)
         st = os.lstat(d)
@@ -274,16 +310,16 @@ def check_dirs(root: str) -> None:
 
     uid = os.geteuid()
     os.makedirs(root, mode=0o755, exist_ok=True)
-    for sub, mode in (("sha256", 0o755), ("meta", 0o755), ("partial", 0o700)):
+    for sub, mode in (("sha256", 0o755), ("meta", 0o755), ("digests", 0o755), ("partial", 0o700)):
         os.makedirs(os.path.join(root, sub), mode=mode, exist_ok=True)
-    for sub in ("", "sha256", "meta", "partial"):
+    for sub in ("", "sha256", "meta", "digests", "partial"):
         d = os.path.join(root, sub)
         st = os.lstat(d)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022:
             raise ApppotError(
                 f"the image cache directory {d} is writable by others or not owned by uid {uid} "
                 f"(mode {stat.filemode(st.st_mode)}, owner {st.st_uid}): refusing to run",
-                hint=f"chown -R {uid} {root} && chmod 0755 {root} {root}/sha256 {root}/meta && chmod 0700 {root}/partial",
+                hint=f"chown -R {uid} {root} && chmod 0755 {root} {root}/sha256 {root}/meta {root}/digests && chmod 0700 {root}/partial",
             )  # fmt: skip
     parent = os.path.dirname(os.path.realpath(root))
     while True:  # an ancestor anyone can write (without the sticky bit) lets them rename the cache away

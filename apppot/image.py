@@ -264,7 +264,17 @@ def read_uml_cow_backing(path: Path) -> Path | None:
 # --- sha256 pinning, cached so a 20 GB base is hashed once, not once per job ------------------------
 
 
-def _stat_key(st: os.stat_result) -> dict[str, int]:
+def hash_file(f: BinaryIO) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def stat_key(st: os.stat_result) -> dict[str, int]:
+    """What identifies one version of a file: a record keyed by it is stale once the file changes."""
     return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "ctime_ns": st.st_ctime_ns}  # fmt: skip
 
@@ -281,9 +291,9 @@ def _trusted(cache_file: Path, image_st: os.stat_result) -> bool:
     return st.st_uid in (0, image_st.st_uid) and not st.st_mode & 0o022
 
 
-def sha256_of(path: Path, *, update_cache: bool = False, memo: bool = False) -> str:
+def sha256_of(path: Path, *, update_cache: bool = False, memo: bool = False, record_only: bool = False) -> str | None:
     """The image's sha256: from IMAGE.sha256 if trusted and its recorded stat still matches, else
-    computed. `update_cache` (admin tools only; the transfer plugin never writes outside the sandbox)
+    computed (record_only: else None). `update_cache` (admin tools only; the transfer plugin never writes outside the sandbox)
     rewrites the sidecar. `memo` also keeps it in apppot's cache directories, keyed by the stat (a
     cache key for extracted boot files; never for pins: the user's own cache is not trusted)."""
     import hashlib  # not at module level: most plugin runs never hash, and start-up time counts
@@ -292,11 +302,13 @@ def sha256_of(path: Path, *, update_cache: bool = False, memo: bool = False) -> 
     sidecar = digest_sidecar(path)
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
-        key = _stat_key(st)
+        key = stat_key(st)
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             entry = json.loads(sidecar.read_text())
             if entry["stat"] == key and _trusted(sidecar, st):
                 return str(entry["sha256"])
+        if record_only:
+            return None
         memo_name = ""
         if memo:
             from apppot import cache
@@ -306,10 +318,7 @@ def sha256_of(path: Path, *, update_cache: bool = False, memo: bool = False) -> 
             for d in cache.cache_dirs("digests"):
                 with contextlib.suppress(OSError):
                     return (d / memo_name).read_text().strip()
-        h = hashlib.sha256()
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-        digest = h.hexdigest()
+        digest = hash_file(f)
     if update_cache:
         write_atomically(sidecar, json.dumps({"stat": key, "sha256": digest}).encode())
     if memo and (d := cache.writable_cache_dir("digests")) is not None:

@@ -35,12 +35,13 @@ def digest(data: bytes) -> str:
 class Fetchd:
     """A running apppot_fetchd process on a cache dir of its own."""
 
-    def __init__(self, root: Path, *, budget: str = "1G", grace: int = 600) -> None:
+    def __init__(self, root: Path, *, budget: str = "1G", grace: int = 600, image_path: str = "") -> None:
         self.root, self.sock = root / "cache", root / "cache" / "fetchd.sock"
         self.env = {**os.environ, "CONDOR_CONFIG": "/dev/null", "PYTHONPATH": os.fspath(REPO),
                     "APPPOT_CACHE_DIR": os.fspath(self.root), "APPPOT_CACHE_BUDGET": budget,
                     "APPPOT_CACHE_GRACE": str(grace), "CONDOR_IDS": f"{SERVICE_UID}.{SERVICE_UID}",
-                    "APPPOT_FETCHD_LOG": os.fspath(root / "log" / "fetchd.log")}  # fmt: skip
+                    "APPPOT_FETCHD_LOG": os.fspath(root / "log" / "fetchd.log"),
+                    "APPPOT_IMAGE_PATH": image_path}  # fmt: skip
         self.logfile = root / "log" / "fetchd.log"
         self.logfile.parent.mkdir(exist_ok=True)  # like HTCondor's LOG: the condor account's
         os.chown(self.logfile.parent, SERVICE_UID, SERVICE_UID)
@@ -384,3 +385,40 @@ def test_sighup_rereads_the_budget_from_the_condor_config(service, open_tmp):
         assert time.monotonic() < deadline, f.logfile.read_text()
         time.sleep(0.05)
     assert "budget 1073741824 bytes" in f.logfile.read_text()  # what it started with
+
+
+def test_a_pinned_resident_base_is_hashed_once_per_version(service, images, plugin_env, open_tmp):
+    """Issue 15: a sha256= pin on a resident base does not hash it per job; the record is the service's."""
+    import json
+
+    f = service(image_path=plugin_env["APPPOT_IMAGE_PATH"])
+    env = {**plugin_env, "APPPOT_CACHE_DIR": os.fspath(f.root), "APPPOT_FETCHD_SOCKET": os.fspath(f.sock)}
+    base = images / "base.img"
+    sha = digest(base.read_bytes())
+
+    def stage(n: int, pin: str) -> tuple[int, list[dict]]:
+        rc, ads, _ = run_plugin(env, open_tmp / f"sb{n}", [(f"apppot://base?sha256={pin}&format=uml-cow", "d")],
+                                unprivileged=True)  # fmt: skip
+        return rc, ads
+
+    def hashed() -> int:
+        return f.logfile.read_text().count("hashing ")
+
+    assert stage(1, sha)[0] == 0 and hashed() == 1
+    assert stage(2, sha)[0] == 0 and stage(3, sha)[0] == 0 and hashed() == 1  # the record, not the base
+    (record,) = (f.root / "digests").iterdir()
+    assert json.loads(record.read_text())["sha256"] == sha
+    st = record.stat()
+    assert st.st_uid == SERVICE_UID and not st.st_mode & 0o022
+    forged = subprocess.run(as_user(JOB_UID, ["sh", "-c", f'echo x > "{record}" || echo x > "{record.parent}/f.json"']))
+    assert forged.returncode != 0 and json.loads(record.read_text())["sha256"] == sha
+
+    with open(base, "r+b") as b:  # a new version of the base: hashed again, the old pin now fails
+        b.write(os.urandom(4096))
+    new = digest(base.read_bytes())
+    rc, ads = stage(4, sha)
+    assert rc == 1 and new in ads[0]["TransferError"] and sha in ads[0]["TransferError"]
+    assert stage(5, new)[0] == 0 and hashed() == 2
+
+    with pytest.raises(ApppotError, match="outside"):  # no digest oracle for other files the service can read
+        fetchd.request("digest", socket=os.fspath(f.sock), timeout=10, path="/etc/passwd")
