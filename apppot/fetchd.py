@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 from apppot.errors import ApppotError
 
@@ -28,39 +29,40 @@ if False:  # for type checkers only
 MAX_LINE = 64 << 10
 
 
+RETRY_S = 0.5  # between tries while the service restarts (condor_master's back-off: seconds)
+
+
+class _Gone(Exception):
+    """The service was there and is not now (killed mid-request: condor_master restarts it)."""
+
+
 def request(op: str, *, socket: str | None = None, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
-    """Ask the node's fetch service; its reply, or ApppotError with its error and hint."""
+    """Ask the node's fetch service; its reply, or ApppotError with its error and hint.
+
+    A service that dies while it is asked (or whose stale socket refuses us) is asked again until it is
+    back, within TIMEOUT: condor_master restarts it, and the new one resumes the download. No socket
+    at all on the first try means no service on this node: that fails at once."""
     from apppot import imagecache
 
     path = socket or imagecache.socket_path()
     timeout = imagecache.fetch_timeout_s() if timeout is None else timeout
-    s = _socket_mod.socket(_socket_mod.AF_UNIX, _socket_mod.SOCK_STREAM)
-    try:
-        s.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    line = json.dumps({"op": op, **fields}).encode() + b"\n"
+    tries = 0
+    while True:
         try:
-            s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise ApppotError(
-                f"the node's image fetch service is not running (cannot connect to {path}: {e.strerror})",
-                hint="the node's admin must install condor_config.d/55-apppot-cache.conf (DAEMON_LIST += APPPOT_FETCHD) "
-                "and condor_reconfig; or point APPPOT_FETCHD_SOCKET at its socket",
-            ) from None
-        s.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except _socket_mod.timeout:
-        raise ApppotError(
-            f"the image fetch service did not answer within {timeout:g} s (a large image still downloading?)",
-            hint="the download goes on: retry the job later, or raise APPPOT_FETCH_TIMEOUT on the node",
-        ) from None
-    except OSError as e:
-        raise ApppotError(f"talking to the image fetch service at {path} failed: {e}") from None
-    finally:
-        s.close()
+            data = _ask(path, line, deadline, timeout, first=tries == 0)
+            break
+        except _Gone as e:
+            tries += 1
+            if time.monotonic() + RETRY_S >= deadline:
+                raise ApppotError(
+                    f"the image fetch service at {path} stopped answering and was not back within {timeout:g} s "
+                    f"({tries} tries; last: {e})",
+                    hint="condor_master restarts apppot_fetchd if it dies: see its log (APPPOT_FETCHD_LOG) and "
+                    "the MasterLog; retry the job once it runs",
+                ) from None
+            time.sleep(RETRY_S)
     try:
         reply = json.loads(data)
     except ValueError:
@@ -68,6 +70,44 @@ def request(op: str, *, socket: str | None = None, timeout: float | None = None,
     if not reply.get("ok"):
         raise ApppotError(str(reply.get("error") or "the image fetch service failed"), hint=reply.get("hint") or None)
     return reply
+
+
+def _ask(path: str, line: bytes, deadline: float, timeout: float, *, first: bool) -> bytes:
+    """One try: LINE to the service, its reply line. _Gone if it is not there now but was (or may be)."""
+    s = _socket_mod.socket(_socket_mod.AF_UNIX, _socket_mod.SOCK_STREAM)
+    try:
+        s.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            s.connect(path)
+        except FileNotFoundError as e:
+            if not first:  # a restarting service removes its stale socket before it binds anew
+                raise _Gone(e.strerror) from None
+            raise ApppotError(
+                f"the node's image fetch service is not running (cannot connect to {path}: {e.strerror})",
+                hint="the node's admin must install condor_config.d/55-apppot-cache.conf (DAEMON_LIST += APPPOT_FETCHD) "
+                "and condor_reconfig; or point APPPOT_FETCHD_SOCKET at its socket",
+            ) from None
+        except ConnectionRefusedError as e:  # a killed service's socket: condor_master starts a new one
+            raise _Gone(e.strerror) from None
+        s.sendall(line)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise _Gone("the connection closed before the answer")
+            data += chunk
+        return data
+    except _socket_mod.timeout:
+        raise ApppotError(
+            f"the image fetch service did not answer within {timeout:g} s (a large image still downloading?)",
+            hint="the download goes on: retry the job later, or raise APPPOT_FETCH_TIMEOUT on the node",
+        ) from None
+    except (ConnectionResetError, BrokenPipeError) as e:
+        raise _Gone(e.strerror) from None
+    except OSError as e:
+        raise ApppotError(f"talking to the image fetch service at {path} failed: {e}") from None
+    finally:
+        s.close()
 
 
 _socket_mod = socket  # `request(socket=...)` shadows the module's name inside it

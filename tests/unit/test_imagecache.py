@@ -64,6 +64,20 @@ def test_request_without_a_service_says_how_to_start_it(tmp_path):
     assert "not running" in str(e.value) and "APPPOT_FETCHD" in str(e.value)
 
 
+def test_request_to_a_dead_services_socket_retries_until_its_timeout(tmp_path):
+    """A killed service leaves its socket behind (connections refused) until condor_master starts the next
+    one: the client asks again until its timeout, then fails saying so."""
+    import socket
+    import time
+
+    path = os.fspath(tmp_path / "fetchd.sock")
+    socket.socket(socket.AF_UNIX).bind(path)  # bound, never listening: what a dead service leaves
+    started = time.monotonic()
+    with pytest.raises(ApppotError, match=r"stopped answering and was not back within 1\.5 s \(\d+ tries"):
+        fetchd.request("list", socket=path, timeout=1.5)
+    assert 1.0 < time.monotonic() - started < 3
+
+
 def test_the_drop_in_as_htcondor_reads_it(tmp_path):
     """make install puts 55-apppot-cache.conf next to 50-apppot.conf; HTCondor's own config parser sees the
     fetch service in DAEMON_LIST at its installed path, and the plugin's knobs in the startd's environment."""

@@ -117,6 +117,8 @@ def test_eight_concurrent_gets_one_download(nginx, service):
 
 
 def test_interrupted_download_resumes_with_range(nginx, service):
+    """The service is killed mid-download and started again a second later (as condor_master does): the
+    client that asked waits through it (it asks again), and the new service resumes with a Range request."""
     data, sha = publish(nginx, "imgr", 8 * MiB)
     f = service()
     with ThreadPoolExecutor(1) as pool:
@@ -127,18 +129,33 @@ def test_interrupted_download_resumes_with_range(nginx, service):
             assert time.monotonic() < deadline and not pending.done()
             time.sleep(0.05)
         f.kill(signal.SIGKILL)  # the node's service dies mid-download
-        with pytest.raises(ApppotError):
-            pending.result()
-    have = part.stat().st_size
-    assert 0 < have < len(data) and f.entries() == set()
-    f.start()
-    assert f.get(nginx.url("imgr"), sha)["path"] == os.fspath(f.root / "sha256" / sha)
+        have = part.stat().st_size
+        assert 0 < have < len(data) and f.entries() == set()
+        time.sleep(1)
+        assert not pending.done()  # the client waits for the service to come back
+        f.start()
+        assert pending.result()["path"] == os.fspath(f.root / "sha256" / sha)
     assert digest((f.root / "sha256" / sha).read_bytes()) == sha
     first, second = nginx.gets("imgr")
     assert second.split()[4] == "206" and 'range="bytes=' in second, second
     assert int(second.split('range="bytes=')[1].split("-")[0]) == have
     assert second.split()[4:6] == ["206", str(len(data) - have)]  # only the rest came over the wire
     assert not part.exists()
+
+
+def test_a_service_that_dies_and_stays_down_fails_the_client_clearly(nginx, service):
+    """Killed mid-request and never restarted: the client asks again until its timeout, then says so."""
+    _, sha = publish(nginx, "imgd", 8 * MiB)
+    f = service()
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        pending = pool.submit(f.get, nginx.url("imgd", slow=True), sha, timeout=4)
+        time.sleep(1)
+        f.kill(signal.SIGKILL)
+        with pytest.raises(ApppotError, match="stopped answering and was not back within 4 s") as e:
+            pending.result()
+    assert 3.4 < time.monotonic() - started < 6
+    assert "condor_master restarts apppot_fetchd" in str(e.value.hint)
 
 
 def test_wrong_digest_names_both_and_caches_nothing(nginx, service):
