@@ -410,8 +410,10 @@ def fetchd_settings(pool, node: str, **env: str):
 
 
 def scratch_file(pool, node: str, name: str) -> pathlib.Path | None:
-    """NAME in the scratch directory of a job running on NODE (the guest's job dir, by hostfs)."""
-    found = list((pool.root / "var" / "lib" / "condor" / "execute" / node).glob(f"dir_*/{name}"))
+    """NAME in the scratch directory of a job running on NODE (the guest's job dir, by hostfs): dir_PID/
+    on HTCondor 23, dir_PID/scratch/ on 25."""
+    execute = pool.root / "var" / "lib" / "condor" / "execute" / node
+    found = [*execute.glob(f"dir_*/{name}"), *execute.glob(f"dir_*/scratch/{name}")]
     return found[0] if found else None
 
 
