@@ -135,6 +135,15 @@ def downloads(server, name: str) -> list[str]:
     return server.gets(f"{name}.img")
 
 
+def no_claims_left(pool, timeout: float = 60) -> None:
+    """Wait until no dynamic slot (a claim) is left on either node: the schedd may run a new job on a
+    claim it still holds from an earlier job without asking the negotiator, so rank would not decide."""
+    deadline = time.monotonic() + timeout
+    while [a for a in pool.startd_ads(["SlotType"]) if a.get("SlotType") == "Dynamic"]:
+        assert time.monotonic() < deadline, f"claims still held after {timeout}s; {pool.logs_hint()}"
+        time.sleep(0.5)
+
+
 def test_url_job_runs_on_either_node_which_caches_it_and_wins_the_next_job(two_nodes, http_server):
     """A job pinned to a URL image neither node holds runs (on either node), that node fetches it once
     into its cache (verified, read-only, the slot ad lists it), and the next job for the same digest
@@ -160,6 +169,7 @@ def test_url_job_runs_on_either_node_which_caches_it_and_wins_the_next_job(two_n
     # the next jobs for that digest: rank sends them where it is cached (each run alone, so both
     # nodes have free slots when it is matched)
     for _ in range(2):
+        no_claims_left(pool)
         again = submit_from_template(pool, d, url_vars(server, name, digest))
         pool.wait(again, timeout=JOB_TIMEOUT)
         (ad2,) = history(pool, again, 1)
