@@ -301,7 +301,8 @@ class Service:
         if remaining + have > self.budget:
             raise ApppotError(f"the image ({remaining + have} bytes) is larger than this node's cache budget "
                               f"({self.budget} bytes)", hint="raise APPPOT_CACHE_BUDGET on the node")  # fmt: skip
-        imagecache.evict(self.root, self.budget, need=remaining + have, grace=self.grace, log=self.log)
+        imagecache.evict(self.root, self.budget, need=remaining + have, grace=self.grace, log=self.log,
+                         downloading=frozenset(self.downloads))  # fmt: skip
 
 
 def _fsync_dir(path: str) -> None:

@@ -185,12 +185,15 @@ def entries(root: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda e: -e["last_use"])
 
 
-def evict(root: str, budget: int, *, need: int = 0, grace: float = DEFAULT_GRACE_S,
-          now: float | None = None, log: Any = None) -> list[str]:  # fmt: skip
+def evict(root: str, budget: int, *, need: int = 0, grace: float = DEFAULT_GRACE_S, now: float | None = None,
+          log: Any = None, downloading: Any = frozenset()) -> list[str]:  # fmt: skip
     """Remove least recently used idle entries until they and NEED more bytes fit in BUDGET. Skipped:
     entries used within GRACE seconds and entries someone holds (hold()). Returns the digests removed.
+    First, interrupted downloads nobody resumed within GRACE seconds go, whatever the budget (partial/
+    HEX.part not in DOWNLOADING): their jobs are gone, and they would fill the disk outside the budget.
     The caller (the service) serialises eviction with its downloads."""
     now = time.time() if now is None else now
+    drop_stale_partials(root, grace, now, downloading, log)
     found = entries(root)
     total = sum(e["size"] for e in found) + need
     removed = []
@@ -222,3 +225,25 @@ def evict(root: str, budget: int, *, need: int = 0, grace: float = DEFAULT_GRACE
         if log:
             log(f"evicted {e['sha256']} ({e['name'] or '?'}, {e['size']} bytes, idle {now - e['last_use']:.0f} s)")
     return removed
+
+
+def drop_stale_partials(root: str, grace: float, now: float, downloading: Any, log: Any = None) -> None:
+    part_dir = os.path.join(root, "partial")
+    try:
+        names = os.listdir(part_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        digest, dot, ext = name.partition(".")
+        if ext != "part" or not is_digest(digest) or digest in downloading:
+            continue
+        path = os.path.join(part_dir, name)
+        try:
+            st = os.lstat(path)
+            if now - st.st_mtime < grace:
+                continue  # a download the service may resume (it was killed and is starting again)
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        if log:
+            log(f"removed an interrupted download of {digest} ({st.st_size} bytes, idle {now - st.st_mtime:.0f} s)")

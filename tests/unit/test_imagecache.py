@@ -47,6 +47,25 @@ def test_evict_lru_idle_until_under_budget_skipping_held_and_recent(tmp_path):
     assert not imagecache.in_use(imagecache.entry_path(root, held))
 
 
+def test_interrupted_downloads_nobody_resumed_go_first(tmp_path):
+    """partial/HEX.part is outside the budget's count: one nobody resumed within the grace goes at the
+    next eviction, even under budget; a recent one (its service restarting) and one being downloaded stay."""
+    root = os.fspath(tmp_path)
+    (tmp_path / "partial").mkdir()
+    stale, recent, active = (f"{n:064x}" for n in (7, 8, 9))
+    for digest, mtime in ((stale, 1000), (recent, 1950), (active, 1000)):
+        part = Path(imagecache.part_path(root, digest))
+        part.write_bytes(b"x" * 10)
+        os.utime(part, (mtime, mtime))
+    (tmp_path / "partial" / "notes.txt").write_text("not ours")
+    kept = make_entry(tmp_path, 1, 100, 0)
+    logged: list[str] = []
+    assert imagecache.evict(root, 1000, grace=100, now=2000, downloading={active}, log=logged.append) == []
+    assert sorted(os.listdir(tmp_path / "partial")) == sorted([f"{recent}.part", f"{active}.part", "notes.txt"])
+    assert [e["sha256"] for e in imagecache.entries(root)] == [kept]
+    assert len(logged) == 1 and stale in logged[0]
+
+
 def test_nothing_evicted_under_budget(tmp_path):
     make_entry(tmp_path, 1, 100, 0)
     assert imagecache.evict(os.fspath(tmp_path), 1000, need=900, grace=0) == []
