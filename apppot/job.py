@@ -67,6 +67,9 @@ class VmOutcome:
     interrupted: bool
     console_log: Path
     wall_s: float
+    # Host clock (epoch s) at: boot (the VM process starts), status (the guest's status file was written,
+    # its mtime), vm_exit (the VM process ended). For timing a job's phases (bench/condor.py).
+    times: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:

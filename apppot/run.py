@@ -95,6 +95,7 @@ def run_job(spec: JobSpec, backend: Backend) -> VmOutcome:
             for t in tails:
                 t.pump()
 
+        times = {"boot": time.time()}
         rc, timed_out, interrupted = proc.supervise(
             plan.argv,
             log_path=console,
@@ -107,9 +108,13 @@ def run_job(spec: JobSpec, backend: Backend) -> VmOutcome:
             cwd=rundir,
             on_tick=pump,
         )
+        times["vm_exit"] = time.time()
         pump()
         status, message = contract.read_status(ctl_fd)
-        outcome = VmOutcome(status, message, rc, timed_out, interrupted, console, round(time.monotonic() - start, 3))
+        with contextlib.suppress(OSError):  # (timing only: the status itself came from read_status)
+            times["status"] = os.stat("status", dir_fd=ctl_fd, follow_symlinks=False).st_mtime
+        outcome = VmOutcome(status, message, rc, timed_out, interrupted, console, round(time.monotonic() - start, 3),
+                            {k: round(v, 4) for k, v in times.items()})  # fmt: skip
         contract.write_file(ctl_fd, "outcome.json", outcome.to_json())
         return outcome
     finally:

@@ -30,6 +30,20 @@ def test_exit_status_passes_through(backend, tiny_image, job_dir, status):
     assert outcome(job_dir)["guest_status"] == status  # a real 255 from the job, not a crash
 
 
+def test_outcome_times_the_runs_phases_by_the_host_clock(backend, tiny_image, job_dir):
+    """outcome.json's times (bench/condor.py splits a pool job's phases by them): the VM starts, the
+    job runs, the guest writes its status, the VM ends, in that order, on the host's clock."""
+    before = time.time()
+    res = apppot("run", "--backend", backend, "--image", tiny_image, "--", "sh", "-c", "sleep 0.3; echo > mid",
+                 cwd=job_dir)  # fmt: skip
+    after = time.time()
+    assert res.returncode == 0, res.stderr
+    t = outcome(job_dir)["times"]
+    mid = (job_dir / "mid").stat().st_mtime  # written by the job, through the job dir: the host's clock
+    assert before < t["boot"] < mid <= t["status"] <= t["vm_exit"] < after, (before, t, mid, after)
+    assert t["status"] - t["boot"] >= 0.3
+
+
 def test_arguments_arrive_exactly(backend, tiny_image, job_dir):
     args = ["two words", "it's", 'say "hi"', "new\nline", "ünïcødé ✓", "", "$HOME `id` $(id)", "\\", "-x"]
     res = apppot("run", "--backend", backend, "--image", tiny_image, "--", *ARGS_PROBE, *args, cwd=job_dir)
