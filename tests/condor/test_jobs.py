@@ -152,7 +152,7 @@ def test_apppot_submit_wait_reports_exit_status(apppot_pool):
     assert f"outputs in {d}" in proc.stdout
     outs = list(d.glob("apppot.*.0.out"))
     assert len(outs) == 1
-    assert "argv: 3 [x y] [it's \"q\"]" in outs[0].read_text()
+    assert 'argv: 3 [x y] [it\'s "q"]' in outs[0].read_text()
 
 
 def test_apppot_submit_shell_command(apppot_pool):
@@ -222,12 +222,37 @@ def test_template_dry_run(apppot_pool, template):
     proc = pool.in_pool("condor_submit", "-dry-run", "-", "image=" + IMAGE, "cmd=./x 'a b'", template.name, cwd=d)
     ad = proc.stdout
     assert re.search(r'^Requirements=.*HasAppPot =\?= true.*stringListMember\("tiny",AppPotImages\)', ad, re.MULTILINE), ad
-    assert 'apppot://tiny' in ad
+    assert "apppot://tiny" in ad
     # the node's paths, whatever its PREFIX: the schedd fills them in from the matched slot ad
     assert ('Cmd="$$(APPPOT_LAUNCHER)"' if template.name == "apppot-vanilla.sub" else 'PostCmd="$$(APPPOT_VM_POST)"') in ad
     assert "ERROR" not in proc.stderr, proc.stderr
     missing = pool.in_pool("condor_submit", "-dry-run", "-", template.name, cwd=d, check=False)
     assert missing.returncode != 0 and "needs image=NAME" in missing.stderr + missing.stdout
+
+
+def test_the_trimmed_plugin_list(apppot_pool):
+    """50-apppot.conf's suggested FILETRANSFER_PLUGINS for a site without Box, Google Drive or OneDrive
+    users (docs/condor.md, "Plugin probes"), as HTCondor reads it on this node: every plugin it names
+    exists, apppot's is the installed one, the Python cloud-drive plugins are gone, and an apppot job
+    runs through it."""
+    pool = apppot_pool
+    config_d = pool.root / "etc/condor/config.d"
+    suggested = [ln.lstrip("#").strip() for ln in (config_d / "50-apppot.conf").read_text().splitlines()
+                 if ln.startswith("#") and ln.lstrip("#").strip().startswith("FILETRANSFER_PLUGINS =")]  # fmt: skip
+    assert len(suggested) == 1, suggested
+    drop_in = config_d / "99-test-trimmed-plugins.conf"
+    drop_in.write_text(suggested[0] + "\n")
+    try:
+        plugins = [p.strip() for p in pool.in_pool("condor_config_val", "FILETRANSFER_PLUGINS").stdout.split(",")]
+        assert all((pool.root / p.lstrip("/")).is_file() for p in plugins), plugins
+        assert pool.env["APPPOT_PREFIX"] + "/libexec/apppot/apppot_plugin" in plugins
+        assert [p for p in plugins if "curl_plugin" in p], plugins  # http(s):// stays
+        assert not [p for p in plugins if p.endswith(".py")], plugins
+        cluster, d = submit_template(pool, "apppot-vanilla.sub", "trimmed")
+        pool.wait(cluster, timeout=120)
+        assert history_ad(pool, cluster)["ExitCode"] == 42, (d / f"apppot.{cluster}.0.err").read_text(errors="replace")
+    finally:
+        drop_in.unlink()
 
 
 # --- VM universe (last: its job was submitted at the start of the module) -------------------------
