@@ -7,8 +7,6 @@ import re
 import tempfile
 from pathlib import Path
 
-import pytest
-
 from apppot import kernel, proc
 from tests.vm.conftest import apppot
 
@@ -41,9 +39,9 @@ def test_the_kernel_mounts_the_job_dir_and_init_leaves_it(tiny_image: Path, job_
     assert (job_dir / "from-guest").read_text() == "written\n"
 
 
-@pytest.mark.skipif(not kernel.PACKAGED.exists(), reason="Debian's user-mode-linux is not installed")
 def test_a_kernel_without_the_premount_still_gets_the_job_dir(tiny_image: Path, job_dir: Path) -> None:
     """Debian's packaged kernel ignores apppot.jobmount=: apppot-init mounts /proc and the job dir."""
+    assert kernel.PACKAGED.exists(), f"{kernel.PACKAGED} missing: `make deps` installs Debian's user-mode-linux"
     res = apppot("run", "--backend", "uml", "--kernel", kernel.PACKAGED, "--image", tiny_image, "--",
                  *MOUNTS_AND_LOG, cwd=job_dir)  # fmt: skip
     assert res.returncode == 0, res.stderr
