@@ -27,7 +27,7 @@ sys.path.insert(0, os.fspath(REPO / "bench"))
 sys.path.insert(0, os.fspath(REPO / "scripts"))
 
 from perfdoc import write_section  # noqa: E402
-from pool import POOL, pool_env  # noqa: E402
+from pool import POOL, pool_env, suggested_plugin_line  # noqa: E402
 
 SECTION = "## HTCondor jobs"
 BY_VERSION = "## HTCondor jobs by HTCondor version"
@@ -91,7 +91,7 @@ def split_apppot_run(outcome: Path, started: float, exited: float) -> dict[str, 
 # Before a job's first URL transfer the starter asks EVERY plugin in FILETRANSFER_PLUGINS for its
 # -classad, one after the other (HTCondor's FileTransfer::InitializeSystemPlugins), so each configured
 # plugin costs every apppot job its start-up. The bench measures them, and runs the apppot job also
-# with HTCondor's Python cloud-drive plugins (box, gdrive, onedrive) left out of the list.
+# with the list 50-apppot.conf suggests for sites without Box, Google Drive or OneDrive users.
 TRIMMED_CONF = "etc/condor/config.d/99-bench-trimmed-plugins.conf"
 PROBE_SCRIPT = """
 import json, os, statistics, subprocess, sys, time
@@ -123,11 +123,6 @@ def plugin_probes() -> dict[str, float | None]:
     out = subprocess.run([os.fspath(POOL), "in-pool", "python3", "-c", PROBE_SCRIPT, pool_value("APPPOT_IMAGE_PATH"),
                           *plugins], capture_output=True, text=True, check=True).stdout  # fmt: skip
     return json.loads(out)
-
-
-def trimmed(plugins: list[str]) -> list[str]:
-    """The plugin list without HTCondor's Python cloud-drive plugins (box, gdrive, onedrive)."""
-    return [p for p in plugins if not p.endswith("_plugin.py")]
 
 
 def run_one(htcondor2, schedd, desc, timeout_s: float = 120) -> tuple[float, int]:
@@ -243,8 +238,14 @@ def main() -> int:
             return desc
 
         probes = plugin_probes()
-        kept = trimmed(list(probes))
+        # the trimmed job's list: the line 50-apppot.conf suggests, in a drop-in as a site would put it
         trim_conf = Path(env.get("CONDOR_ROOT", "/"), TRIMMED_CONF)
+        trim_text = f"# bench/condor.py, for one job\n{suggested_plugin_line(trim_conf.parent)}\n"
+        trim_conf.write_text(trim_text)
+        try:
+            kept = [p.strip() for p in pool_value("FILETRANSFER_PLUGINS").split(",") if p.strip()]
+        finally:
+            trim_conf.unlink()
         # a starter reads the config when it starts: the drop-in applies to the next job only
         jobs = (("plain", plain, False), ("apppot", apppot, False), (TRIM, apppot, True))
         load_before = os.getloadavg()[0]
@@ -257,7 +258,7 @@ def main() -> int:
             for name, make, trim in jobs:
                 desc = make()
                 if trim:
-                    trim_conf.write_text(f"# bench/condor.py, for one job\nFILETRANSFER_PLUGINS = {', '.join(kept)}\n")
+                    trim_conf.write_text(trim_text)
                 try:
                     t, cluster = run_one(htcondor2, schedd, desc)
                 finally:
@@ -340,8 +341,9 @@ the same for every job but for HTCondor's 1 s ticks.
 `Schedd.submit()` on the host until the schedd reports the job completed. "plain" is a vanilla
 `/bin/true`; "apppot" is `apppot submit --image tiny -- /bin/true`: the apppot:// plugin stages a UML COW
 layer, `apppot run --mem 128M` boots the tiny image under UML ({kernel_note}) and runs `/bin/true`.
-"{TRIM}" is the same apppot job on a node whose FILETRANSFER_PLUGINS leaves out HTCondor's
-Python cloud-drive plugins (box, gdrive, onedrive; a config drop-in the bench writes for that one job).
+"{TRIM}" is the same apppot job with the FILETRANSFER_PLUGINS line that 50-apppot.conf suggests for a
+site without Box, Google Drive or OneDrive users ({", ".join(Path(p).name for p in kept)}: HTCondor's Python
+cloud-drive plugins left out), in a config drop-in the bench writes for that one job.
 Host load average (1 min) {load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} cores: the numbers
 are only as quiet as the machine.
 

@@ -24,3 +24,14 @@ def pool_env() -> dict[str, str]:
             for w in words[1:]:
                 env.pop(w, None)
     return env
+
+
+def suggested_plugin_line(config_d: Path) -> str:
+    """The FILETRANSFER_PLUGINS line that 50-apppot.conf suggests, commented out, for a site without
+    Box, Google Drive or OneDrive users (docs/condor.md, "Plugin probes"): the one definition that the
+    condor test and bench/condor.py put in a drop-in, as a site would."""
+    lines = [ln.lstrip("#").strip() for ln in (config_d / "50-apppot.conf").read_text().splitlines()
+             if ln.startswith("#") and ln.lstrip("#").strip().startswith("FILETRANSFER_PLUGINS =")]  # fmt: skip
+    if len(lines) != 1:
+        raise ValueError(f"{config_d / '50-apppot.conf'}: expected one suggested FILETRANSFER_PLUGINS line, found {lines}")
+    return lines[0]

@@ -18,6 +18,9 @@ import pytest
 
 from apppot import submit as apppot_submit
 
+sys.path.insert(0, os.fspath(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
+from pool import suggested_plugin_line  # noqa: E402  (scripts/pool.py: shared with bench/condor.py)
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATES = sorted((REPO / "submit_templates").glob("*.sub"))
 IMAGE = "tiny"
@@ -237,11 +240,8 @@ def test_the_trimmed_plugin_list(apppot_pool):
     runs through it."""
     pool = apppot_pool
     config_d = pool.root / "etc/condor/config.d"
-    suggested = [ln.lstrip("#").strip() for ln in (config_d / "50-apppot.conf").read_text().splitlines()
-                 if ln.startswith("#") and ln.lstrip("#").strip().startswith("FILETRANSFER_PLUGINS =")]  # fmt: skip
-    assert len(suggested) == 1, suggested
     drop_in = config_d / "99-test-trimmed-plugins.conf"
-    drop_in.write_text(suggested[0] + "\n")
+    drop_in.write_text(suggested_plugin_line(config_d) + "\n")
     try:
         plugins = [p.strip() for p in pool.in_pool("condor_config_val", "FILETRANSFER_PLUGINS").stdout.split(",")]
         assert all((pool.root / p.lstrip("/")).is_file() for p in plugins), plugins
