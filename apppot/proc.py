@@ -120,6 +120,32 @@ def kill_group(pgid: int, *, deadline_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+class DirReaper:
+    """A child that removes `path` once this process is gone, whatever the way: a SIGKILLed apppot
+    cannot run its own clean-up, and the run dir holds the guest's private root-disk layer (as large
+    as the guest wrote). The child waits for EOF on a pipe only this process can write to (the write
+    end is close-on-exec: the VM does not inherit it), in its own session so that a signal to apppot's
+    process group does not take it along."""
+
+    def __init__(self, path: Path) -> None:
+        r, self._w = os.pipe()
+        try:
+            self._child = subprocess.Popen(
+                ["/bin/sh", "-c", 'read -r _; [ ! -e "$1" ] || exec rm -rf -- "$1"', "apppot-reaper", os.fspath(path)],
+                stdin=r, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        except OSError:
+            os.close(self._w)
+            raise
+        finally:
+            os.close(r)
+
+    def release(self) -> None:
+        """This process cleaned up itself: let the child go (it removes whatever is left) and reap it."""
+        os.close(self._w)
+        self._child.wait()
+
+
 _PR_SET_PDEATHSIG = 1
 
 

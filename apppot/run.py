@@ -81,6 +81,12 @@ def run_job(spec: JobSpec, backend: Backend) -> VmOutcome:
     # One descriptor for the whole run: the guest may rename .apppot or plant symlinks in it.
     ctl_fd = contract.open_control_dir(spec.job_dir)
     rundir = Path(tempfile.mkdtemp(prefix=f"apppot-{spec.vm_id}-"))
+    try:
+        reaper = proc.DirReaper(rundir)
+    except OSError as e:
+        rundir.rmdir()
+        os.close(ctl_fd)
+        raise ApppotError(f"cannot start /bin/sh to guard the run directory: {e.strerror}") from None
     if spec.disk.layer is None:  # a private writable layer, gone with the run dir
         spec = dataclasses.replace(spec, disk=dataclasses.replace(spec.disk, layer=rundir / "root.cow"))
     start = time.monotonic()
@@ -119,6 +125,7 @@ def run_job(spec: JobSpec, backend: Backend) -> VmOutcome:
         return outcome
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
+        reaper.release()
         if spec.disk.discard and spec.disk.layer is not None:
             with contextlib.suppress(FileNotFoundError):
                 spec.disk.layer.unlink()

@@ -91,7 +91,7 @@ def test_guest_sees_only_the_job_dir(backend, tiny_image, job_dir):
     assert res.returncode == 0, res.stderr
     listing = res.stdout.split()
     assert "marker" in listing and "etc" not in listing and "usr" not in listing
-    assert Path("/etc/hostname").read_text().strip() not in res.stdout.splitlines()[len(listing):]
+    assert Path("/etc/hostname").read_text().strip() not in res.stdout.splitlines()[len(listing) :]
 
 
 def test_apppot_run_script_in_the_job_dir(backend, tiny_image, job_dir):
@@ -180,22 +180,28 @@ def test_sigterm_stops_the_job_politely(backend, tiny_image, job_dir):
     assert vm_processes("term-test") == []
 
 
-def test_sigkill_of_apppot_takes_the_vm_with_it(backend, tiny_image, job_dir):
+def test_sigkill_of_apppot_takes_the_vm_with_it(backend, tiny_image, job_dir, tmp_path):
     """The batch system's last resort: apppot itself gets SIGKILL and cannot clean up. The VM and
-    every host process it forked must still go (PDEATHSIG; UML's helpers: kernel/patches/0003)."""
+    every host process it forked must still go (PDEATHSIG; UML's helpers: kernel/patches/0003), and
+    so must its run dir with the guest's root-disk layer (proc.DirReaper)."""
     vm_id = f"sigkill-{backend}"
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
     argv = [sys.executable, "-m", "apppot", "run", "--backend", backend, "--image", os.fspath(tiny_image),
-            "--id", vm_id, "--", "sh", "-c", "echo started; sleep 100"]  # fmt: skip
-    p = subprocess.Popen(argv, cwd=job_dir, env={**os.environ, "PYTHONPATH": os.fspath(REPO)},
+            "--id", vm_id, "--", "sh", "-c", "echo started > /root/written; echo started; sleep 100"]  # fmt: skip
+    p = subprocess.Popen(argv, cwd=job_dir, env={**os.environ, "PYTHONPATH": os.fspath(REPO), "TMPDIR": os.fspath(tmpdir)},
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     assert p.stdout is not None and p.stdout.readline() == "started\n"
     assert vm_processes(vm_id), "the VM's processes should be visible while it runs"
+    rundirs = list(tmpdir.glob(f"apppot-{vm_id}-*"))
+    assert len(rundirs) == 1 and (rundirs[0] / "root.cow").is_file(), rundirs
     p.kill()
     p.wait()
     deadline = time.monotonic() + 15
-    while vm_processes(vm_id) and time.monotonic() < deadline:
+    while (vm_processes(vm_id) or rundirs[0].exists()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert vm_processes(vm_id) == []
+    assert not rundirs[0].exists(), sorted(p.name for p in rundirs[0].iterdir())
 
 
 def test_job_ignoring_sigterm_is_killed_after_the_grace_period(backend, tiny_image, job_dir):
