@@ -3,6 +3,7 @@
 
 Usage: .venv/bin/python bench/boot.py --tiny TINY.img --debian DEBIAN.img [-n 5]
        .venv/bin/python bench/boot.py --launch --tiny TINY.img [--kernel K]... [-n 10]   (phases, UML)
+       .venv/bin/python bench/boot.py --exec DEBIAN.img [--kernel K]... [-n 5]  (guest process starts)
 The tiny image has no kernel of its own: for qemu/libvirt it boots the Debian image's kernel and
 initramfs (APPPOT_VM_KERNEL/APPPOT_VM_INITRD, as the tests do). libvirtd must be running for the
 libvirt rows (they are skipped otherwise). Guest clocks tick every 10 ms under UML and TCG.
@@ -105,6 +106,49 @@ def launch_main(args: argparse.Namespace) -> int:
     return 0
 
 
+EXEC_SCRIPT = r"""
+t() { read -r up _ </proc/uptime; echo "$up"; }
+a=$(t); i=0; while [ $i -lt $N ]; do /bin/true; i=$((i+1)); done; b=$(t)
+c=$(t); i=0; while [ $i -lt $N ]; do dd if=/dev/zero of=/dev/null bs=1M count=1 2>/dev/null; i=$((i+1)); done; d=$(t)
+echo "$a $b $c $d"
+"""
+
+
+def exec_main(args: argparse.Namespace) -> int:
+    """--exec IMAGE: what a process start costs in the guest, per kernel, against the host: the guest's
+    shell runs /bin/true and a 1 MiB `dd` N times each (timed by the guest's /proc/uptime, 10 ms ticks),
+    and the host's /bin/sh the same loops. Each kernel boots `-n` times; medians per process."""
+    n_proc = 100
+    rows: dict[str, list[tuple[float, float]]] = {}
+    host = []
+    for _ in range(args.n):
+        t0 = time.perf_counter()
+        subprocess.run(["sh", "-c", f"i=0; while [ $i -lt {n_proc} ]; do /bin/true; i=$((i+1)); done"], check=True)
+        t1 = time.perf_counter()
+        subprocess.run(["sh", "-c", f"i=0; while [ $i -lt {n_proc} ]; do dd if=/dev/zero of=/dev/null bs=1M count=1 "
+                        "2>/dev/null; i=$((i+1)); done"], check=True)  # fmt: skip
+        host.append(((t1 - t0) / n_proc, (time.perf_counter() - t1) / n_proc))
+    with tempfile.TemporaryDirectory() as job:
+        for _ in range(args.n):
+            for k in args.kernel or [kernel.find_uml_kernel(notice=False)]:
+                argv = [sys.executable, "-m", "apppot", "run", "--backend", "uml", "--kernel", os.fspath(k), "--image",
+                        os.fspath(args.exec), "--discard-disk", "--", "env", f"N={n_proc}", "sh", "-c", EXEC_SCRIPT]  # fmt: skip
+                res = subprocess.run(argv, cwd=job, env={**os.environ, "PYTHONPATH": os.fspath(REPO)},
+                                     capture_output=True, text=True, check=False)  # fmt: skip
+                if res.returncode != 0:
+                    raise SystemExit(f"{argv}: exit {res.returncode}\n{res.stderr}")
+                a, b, c, d = map(float, res.stdout.split()[-4:])
+                rows.setdefault(f"uml, {k}", []).append(((b - a) / n_proc, (d - c) / n_proc))
+    print(f"{args.exec.name}: {n_proc} process starts per loop, {args.n} boots per kernel, load before "
+          f"{os.getloadavg()[0]:.2f}; medians in ms per process\n")  # fmt: skip
+    print("| where | /bin/true (fork+exec+exit) | dd 1 MiB /dev/zero -> /dev/null |")
+    print("|---|---|---|")
+    for label, xs in [("host", host), *rows.items()]:
+        print(f"| {label} | {statistics.median(x[0] for x in xs) * 1000:.1f} | "
+              f"{statistics.median(x[1] for x in xs) * 1000:.1f} |")  # fmt: skip
+    return 0
+
+
 def _python_floor(n: int) -> float:
     """The interpreter's own start-up, the floor under apppot's."""
     walls = []
@@ -117,15 +161,24 @@ def _python_floor(n: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", type=Path, required=True)
+    p.add_argument("--tiny", type=Path)
     p.add_argument("--debian", type=Path)
     p.add_argument("-n", type=int, default=5)
     p.add_argument("--launch", action="store_true", help="only the phases of a UML launch of the tiny image")
+    p.add_argument("--exec", type=Path, metavar="IMAGE", help="only process starts in IMAGE's guest, per --kernel")
     p.add_argument("--kernel", type=Path, action="append", help="with --launch: UML kernels to compare (repeatable)")
     p.add_argument("--baseline", type=Path, help="with --launch: another apppot checkout to compare against")
-    p.add_argument("--baseline-kernel", type=Path, default=Path("/usr/local/lib/apppot/linux"),
-                   help="with --baseline: its UML kernel (default: %(default)s)")
+    p.add_argument(
+        "--baseline-kernel",
+        type=Path,
+        default=Path("/usr/local/lib/apppot/linux"),
+        help="with --baseline: its UML kernel (default: %(default)s)",
+    )
     args = p.parse_args()
+    if args.exec:
+        return exec_main(args)
+    if not args.tiny:
+        p.error("--tiny is required (except with --exec)")
     if args.launch:
         return launch_main(args)
     if args.debian is None:
