@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -12,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
-from apppot import __version__, image, options, store
+from apppot import __version__, image, options, proc, store
 from apppot.errors import ApppotError
 from apppot.job import BackendKind, ExitCode, JobSpec
 
@@ -216,8 +215,7 @@ def _on_signal(signum: int, frame: object) -> None:
 
 
 def _dispatch(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
-                        format="apppot: %(message)s")  # fmt: skip
+    proc.DEBUG = bool(getattr(args, "debug", False))
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     try:

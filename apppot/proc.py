@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 import os
 import resource
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +18,14 @@ from typing import Any, Callable
 
 from apppot.errors import ApppotError
 
-log = logging.getLogger("apppot")
+# `apppot --debug` shows the commands it runs. Not the logging module: importing it (traceback,
+# linecache, tokenize, threading) cost every launch ~3 ms, for four debug lines.
+DEBUG = False
+
+
+def debug(message: str) -> None:
+    if DEBUG:
+        print(f"apppot: {message}", file=sys.stderr, flush=True)
 
 
 def _describe_failure(argv: Sequence[str], returncode: int, output: str) -> ApppotError:
@@ -34,7 +41,7 @@ def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path |
 
 def capture(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
     """Run a short command and return its stdout; raise ApppotError with its output if it fails."""
-    log.debug("+ %s", shlex.join(argv))
+    debug(f"+ {shlex.join(argv)}")
     try:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, cwd=cwd)
     except FileNotFoundError:
@@ -47,7 +54,7 @@ def capture(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path
 def run(argv: Sequence[str], *, timeout_s: float, cwd: Path | str | None = None) -> tuple[int, str]:
     """Run a short command whose failure the caller handles: (exit code, stdout + stderr). No core
     files. Raises ApppotError only when it cannot be started or runs past timeout_s."""
-    log.debug("+ %s", shlex.join(argv))
+    debug(f"+ {shlex.join(argv)}")
     try:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, errors="replace", cwd=cwd, timeout=timeout_s,
@@ -177,7 +184,7 @@ def supervise(
     KeyboardInterrupt by the CLI) asks the guest to stop politely, waits `grace_s`, then kills the
     whole group. Whatever happens, no process of the group is left when this returns.
     """
-    log.debug("+ %s", shlex.join(argv))
+    debug(f"+ {shlex.join(argv)}")
     # O_NOFOLLOW: the log lives in the job dir, where the guest of an earlier run may have left a symlink
     with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "ab") as out:
         try:
@@ -217,6 +224,6 @@ def _stop(vm: subprocess.Popen[bytes], polite_stop: Callable[[int], None], grace
     try:
         polite_stop(vm.pid)
     except Exception as e:  # a failed polite stop only means we go straight to the kill
-        log.debug("polite stop failed: %s", e)
+        debug(f"polite stop failed: {e}")
     with contextlib.suppress(subprocess.TimeoutExpired):
         vm.wait(timeout=grace_s)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from apppot.backends import uml
 from apppot.job import BackendKind, Disk, JobSpec
+
 REPO = Path(__file__).resolve().parents[2]
 
 INIT = REPO / "apppot" / "guest" / "apppot-init"
@@ -26,7 +27,7 @@ def test_the_kernel_mounts_the_job_dir_and_measures_its_own_delay_loop(tmp_path:
     calibrated or cached by apppot."""
     argv = uml_argv(tmp_path)
     assert "apppot.jobmount=/home/user/job" in argv
-    assert re.search(r'^JOB=/home/user/job$', INIT.read_text(), re.M)  # the same place
+    assert re.search(r"^JOB=/home/user/job$", INIT.read_text(), re.M)  # the same place
     assert f"hostfs={tmp_path}" in argv  # what the kernel mounts is still confined to the job dir
     assert not [a for a in argv if a.startswith("lpj=")]
 
@@ -58,8 +59,9 @@ def test_apppot_init_mounts_only_what_is_not_mounted(tmp_path: Path) -> None:
 
 
 def test_the_run_path_imports_nothing_it_does_not_need() -> None:
-    """socket (only to stop a VM) and hashlib (only for digests) stay out of every launch."""
+    """socket (only to stop a VM), hashlib (only for digests) and logging (~3 ms; `--debug` prints
+    through proc.debug) stay out of every launch."""
     code = "import sys, apppot.cli, apppot.run, apppot.backends.uml; print(' '.join(sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     assert "apppot.backends.uml" in loaded
-    assert not {"socket", "hashlib"} & set(loaded)
+    assert not {"socket", "hashlib", "logging"} & set(loaded)
